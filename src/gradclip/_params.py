@@ -1,0 +1,167 @@
+"""Turning what users pass as ``parameters`` into gradients, names and clear errors.
+
+Every public entry point accepts what ``torch.nn.utils`` accepts (a tensor or an
+iterable of tensors) and also ``named_parameters()`` pairs, whose names make error
+messages useful. Validation happens here, before anything is modified.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+from torch import Tensor
+
+ParamsLike: TypeAlias = Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+"""A tensor, an iterable of tensors, or ``(name, tensor)`` pairs."""
+
+
+@dataclass(frozen=True)
+class GradList:
+    """The parameters that have gradients, their gradients and where they came from.
+
+    Attributes:
+        params: parameters whose ``.grad`` is not ``None``, in the order given.
+        grads: ``[p.grad for p in params]``.
+        positions: each entry's position in the caller's iterable.
+        given_names: names of ``(name, tensor)`` pairs, by entry; empty otherwise.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    positions: list[int]
+    given_names: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.grads)
+
+    def name(self, k: int) -> str:
+        """Entry ``k``'s display name: its given name, or ``"parameters[i]"``."""
+        return self.given_names.get(k, f"parameters[{self.positions[k]}]")
+
+
+def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -> GradList:
+    """Collect parameters with gradients from any accepted ``parameters`` form.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or ``(name, tensor)`` pairs.
+        empty_generator_ok: accept an exhausted generator silently (clippers that
+            re-read their own lists use this; users get an error).
+
+    Returns:
+        The parameters that have gradients, with names.
+
+    Raises:
+        TypeError: an item is neither a tensor nor a ``(str, tensor)`` pair, or a
+            gradient is sparse.
+        ValueError: ``parameters`` is an empty generator, which is almost always a
+            ``model.parameters()`` generator that was already consumed.
+    """
+    items: list[Tensor | tuple[str, Tensor]]
+    if isinstance(parameters, Tensor):
+        items = [parameters]
+    else:
+        is_generator = isinstance(parameters, types.GeneratorType)
+        try:
+            items = list(parameters)
+        except TypeError:
+            raise TypeError(
+                "parameters must be a Tensor, an iterable of Tensors or of (name, Tensor) "
+                f"pairs; got {type(parameters).__name__}"
+            ) from None
+        if is_generator and not items and not empty_generator_ok:
+            raise ValueError(
+                "parameters is an empty generator, so there is nothing to clip; was "
+                "model.parameters() already consumed? Pass list(model.parameters()) to "
+                "reuse it"
+            )
+    params: list[Tensor] = []
+    positions: list[int] = []
+    given_names: dict[int, str] = {}
+    if all(isinstance(item, Tensor) for item in items):  # the common case, kept fast
+        positions = [i for i, p in enumerate(items) if p.grad is not None]  # type: ignore[union-attr]
+        params = [items[i] for i in positions]  # type: ignore[misc]
+    else:
+        for index, item in enumerate(items):
+            name, param = _split_item(item, index)
+            if param.grad is not None:
+                given_names[len(params)] = name
+                params.append(param)
+                positions.append(index)
+    grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+    result = GradList(params, grads, positions, given_names)
+    for k, grad in enumerate(grads):
+        if grad.layout is not torch.strided:
+            raise TypeError(
+                f"gradient of {result.name(k)} has layout {grad.layout}; gradclip supports "
+                "dense (torch.strided) gradients only. Densify it with grad.to_dense() or "
+                "use a dense embedding (sparse=False)"
+            )
+    return result
+
+
+def _split_item(item: object, index: int) -> tuple[str, Tensor]:
+    if isinstance(item, Tensor):
+        return f"parameters[{index}]", item
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], Tensor)
+    ):
+        return item[0], item[1]
+    raise TypeError(
+        f"parameters[{index}] is a {type(item).__name__}; expected a Tensor or a "
+        "(name, Tensor) pair such as those of model.named_parameters()"
+    )
+
+
+def check_threshold(value: object, name: str, *, allow_zero: bool = True) -> float:
+    """Validate a clipping threshold and return it as a float.
+
+    Args:
+        value: the user's value.
+        name: the argument's name, used in the message.
+        allow_zero: whether 0 is accepted (it zeroes every gradient).
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: ``value`` is not a real number (bool included).
+        ValueError: ``value`` is negative, NaN or infinite (or 0 when not allowed).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise TypeError(
+            f"{name} must be a number or a one-element tensor; got shape {tuple(value.shape)}"
+        )
+    number = float(value)
+    if math.isnan(number) or math.isinf(number):
+        raise ValueError(f"{name} must be a finite number; got {number}")
+    if number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}; got {number}")
+    return number
+
+
+def check_norm_type(norm_type: object) -> float:
+    """Validate a p-norm order: any p > 0, or ``inf`` (``"inf"`` accepted).
+
+    Raises:
+        TypeError: not a number or ``"inf"``.
+        ValueError: p ≤ 0 or NaN.
+    """
+    if isinstance(norm_type, str) and norm_type.lower() in ("inf", "+inf"):
+        return math.inf
+    if isinstance(norm_type, bool) or not isinstance(norm_type, int | float):
+        raise TypeError(f"norm_type must be a number > 0 or 'inf'; got {norm_type!r}")
+    p = float(norm_type)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be > 0 or inf; got {p}")
+    return p

@@ -1,0 +1,302 @@
+"""Stateless clipping: drop-in replacements for ``torch.nn.utils`` and unit-wise AGC.
+
+``clip_grad_norm_``, ``clip_grads_with_norm_`` and ``clip_grad_value_`` take the
+same arguments and give the same results as their ``torch.nn.utils`` namesakes,
+with these documented differences:
+
+* ``parameters`` may also be ``named_parameters()`` pairs (names appear in errors).
+* Norms of half-precision gradients are accumulated and returned in fp32, and
+  DTensor gradients give the global norm as a plain tensor (see :mod:`gradclip.norms`).
+* Bad arguments raise ``ValueError``/``TypeError`` before anything is modified: a
+  negative, NaN or infinite threshold, ``norm_type <= 0``, a non-tensor item, a
+  sparse gradient, or an empty generator (torch warns and returns 0; an empty
+  generator is almost always an exhausted ``model.parameters()``).
+* A ``nonfinite`` policy (``"ignore"``, ``"raise"``, ``"zero"``; see
+  :mod:`gradclip.nonfinite`); torch's ``error_if_nonfinite=True`` means ``"raise"``.
+
+Speed: on CPU, when nothing needs clipping the scaling pass is skipped (scaling by
+exactly 1 changes nothing, and a CPU value can be read without waiting for a
+device), so an inactive clip reads the gradients once instead of reading them twice
+and writing them once. On accelerators the code stays branch-free, as torch's does.
+``clip_grad_value_`` clamps in one pass where torch makes two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradclip import _sync
+from gradclip._agc import unit_clip_factors
+from gradclip._foreach import group_indices, use_foreach
+from gradclip._foreach import mul_ as foreach_mul_
+from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
+from gradclip.nonfinite import (
+    NonFinitePolicy,
+    check_policy,
+    raise_if_nonfinite,
+    zero_if_nonfinite_,
+)
+from gradclip.norms import (
+    globalize_norms,
+    is_dtensor,
+    local_tensor,
+    tensor_norms,
+    total_norm_of,
+)
+
+__all__ = ["clip_grad_agc_", "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_"]
+
+NORM_EPS = 1e-6
+"""Added to the total norm before dividing, as torch does."""
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: ParamsLike,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    nonfinite: NonFinitePolicy = "ignore",
+) -> Tensor:
+    """Clip the gradients' global norm to ``max_norm``, in place (Pascanu et al., 2013).
+
+    Each gradient is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``, where
+    ``total_norm`` is the p-norm of all gradients viewed as one vector.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs.
+            Parameters without gradients are skipped.
+        max_norm: the largest allowed total norm, ``>= 0``.
+        norm_type: p > 0, or ``inf``.
+        error_if_nonfinite: as in torch; the same as ``nonfinite="raise"``.
+        foreach: ``None`` uses fused kernels where the device has them.
+        nonfinite: ``"ignore"`` (torch's behaviour), ``"raise"`` or ``"zero"``.
+
+    Returns:
+        The total norm before clipping, a 0-d tensor (``tensor(0.)`` with no gradients).
+
+    Raises:
+        TypeError, ValueError: bad arguments, before any gradient is touched.
+        NonFiniteGradientError: ``"raise"`` and a gradient is NaN or infinite.
+
+    References:
+        Pascanu, Mikolov, Bengio. On the difficulty of training recurrent neural
+        networks. ICML 2013, arXiv:1211.5063.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> clip_grad_norm_([w], max_norm=1.0)
+        tensor(5.)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    p = check_norm_type(norm_type)
+    max_norm = check_threshold(max_norm, "max_norm")
+    policy = check_policy(nonfinite, error_if_nonfinite=error_if_nonfinite)
+    grads = collect_grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    norms = tensor_norms(grads.grads, p, foreach=foreach)
+    total_norm = total_norm_of(norms, p)
+    if policy == "raise":
+        raise_if_nonfinite(grads, norms, total_norm)
+    scale_grads_(grads.grads, clip_coefficient(max_norm, total_norm), foreach=foreach)
+    if policy == "zero":
+        zero_if_nonfinite_(grads.grads, total_norm)
+    return total_norm
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: ParamsLike,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Scale gradients given a precomputed total norm, in place (``torch.nn.utils`` drop-in).
+
+    Use it with :func:`gradclip.get_total_norm` to compute the norm once and reuse
+    it (for logging, or for a global norm computed across pipeline stages).
+
+    Args:
+        parameters: as for :func:`clip_grad_norm_`.
+        max_norm: the largest allowed total norm, ``>= 0``.
+        total_norm: the total norm, a 0-d tensor (not read on the host).
+        foreach: ``None`` uses fused kernels where the device has them.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> clip_grads_with_norm_([w], 2.5, torch.tensor(5.0))
+        >>> w.grad
+        tensor([1.5000, 2.0000])
+    """
+    max_norm = check_threshold(max_norm, "max_norm")
+    if not isinstance(total_norm, Tensor):
+        raise TypeError(f"total_norm must be a Tensor; got {type(total_norm).__name__}")
+    grads = collect_grads(parameters)
+    if grads:
+        scale_grads_(grads.grads, clip_coefficient(max_norm, total_norm), foreach=foreach)
+
+
+def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))`` as a tensor, exactly as torch computes it.
+
+    A NaN norm gives a NaN coefficient (torch's ``"ignore"`` behaviour).
+
+    >>> clip_coefficient(1.0, torch.tensor(4.0))
+    tensor(0.2500)
+    """
+    return torch.clamp(max_norm / (total_norm + NORM_EPS), max=1.0)
+
+
+def scale_grads_(grads: list[Tensor], scale: Tensor, *, foreach: bool | None = None) -> None:
+    """Multiply every gradient by the 0-d tensor ``scale``, in place, one fused call per group.
+
+    On CPU a scale of exactly 1 is skipped (bit-identical: ``x * 1.0 == x``).
+    """
+    if _sync.branch_on_host([scale, *grads]) and bool(scale == 1.0):
+        return
+    foreach_mul_(grads, scale, foreach=foreach)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: ParamsLike,
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]``, in place, in one pass.
+
+    torch's version calls ``clamp_min_`` and then ``clamp_max_`` (two passes over
+    memory); this one clamps each large gradient once. NaN elements stay NaN.
+
+    Args:
+        parameters: as for :func:`clip_grad_norm_`.
+        clip_value: the bound, ``>= 0``.
+        foreach: accepted for drop-in compatibility; ``foreach=True`` on a device
+            without fused kernels raises as in torch.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> w.grad = torch.tensor([-2.0, 0.5, 3.0])
+        >>> clip_grad_value_([w], 1.0)
+        >>> w.grad
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    clip_value = check_threshold(clip_value, "clip_value")
+    grads = collect_grads(parameters).grads
+    for (device, _), index in group_indices(grads).items():
+        group = [grads[i] for i in index]
+        large = [g.numel() >= VALUE_ONE_PASS_MIN_NUMEL for g in group]
+        small = [g for g, is_large in zip(group, large) if not is_large]
+        if small and use_foreach(small, device, foreach):
+            # Cache-resident: two fused calls beat a Python loop of one-pass clamps.
+            torch._foreach_clamp_min_(small, -clip_value)
+            torch._foreach_clamp_max_(small, clip_value)
+            group = [g for g, is_large in zip(group, large) if is_large]
+        else:
+            use_foreach(group, device, foreach)  # validates foreach=True as torch does
+        for g in group:
+            g.clamp_(-clip_value, clip_value)
+
+
+VALUE_ONE_PASS_MIN_NUMEL = 1 << 16
+"""Tensors this large are clamped in one pass each; smaller ones are cache-resident and
+take torch's two fused passes, which cost less than a Python loop of kernel calls."""
+
+
+@torch.no_grad()
+def clip_grad_agc_(
+    parameters: ParamsLike,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    *,
+    nonfinite: NonFinitePolicy = "ignore",
+) -> Tensor:
+    """Unit-wise adaptive gradient clipping (AGC), in place (Brock et al., 2021).
+
+    For each unit ``i`` of a parameter ``W`` with gradient ``G`` (a row of a Linear
+    weight, an output filter of a Conv weight: PyTorch puts the output dimension
+    first, so the unit norm reduces over dims 1..n; vectors and scalars are one unit)::
+
+        ‖W_i‖* = max(‖W_i‖, eps)
+        if ‖G_i‖ / ‖W_i‖* > λ:  G_i ← λ · ‖W_i‖* / max(‖G_i‖, 1e-6) · G_i
+
+    The test is branch-free (a multiply by 1 for units under the bound). Parameters
+    of the same shape are processed together, so many small tensors cost a few
+    kernel launches rather than a Python loop of many passes.
+
+    The paper does not clip the final classifier layer; pass only the parameters to
+    clip (see :class:`gradclip.AGC` for exclusion by name or module).
+
+    Args:
+        parameters: as for :func:`clip_grad_norm_`; each parameter's own values are
+            read, so pass parameters, not bare gradients.
+        clip_factor: λ > 0, the largest allowed ratio ‖G_i‖ / ‖W_i‖*. Default 0.01.
+        eps: the floor on weight norms, so zero-initialised units can still move.
+        nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``.
+
+    Returns:
+        The global L2 norm of the gradients before clipping, a 0-d tensor (computed
+        from the unit norms at no extra cost).
+
+    References:
+        Brock, De, Smith, Simonyan. High-Performance Large-Scale Image Recognition
+        Without Normalization. ICML 2021, arXiv:2102.06171.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        >>> w.grad = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> clip_grad_agc_([w], clip_factor=0.1)
+        tensor(1.4142)
+        >>> w.grad  # row 0 capped at 0.1 * 5; row 1 at 0.1 * eps
+        tensor([[5.0000e-01, 0.0000e+00],
+                [0.0000e+00, 1.0000e-04]])
+    """
+    clip_factor = check_threshold(clip_factor, "clip_factor", allow_zero=False)
+    eps = check_threshold(eps, "eps")
+    policy = check_policy(nonfinite)
+    grads = collect_grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    for k, param in enumerate(grads.params):
+        _check_units_whole(grads.name(k), param)
+    local_grads = [local_tensor(g) for g in grads.grads]
+    groups = unit_clip_factors(
+        [local_tensor(p) for p in grads.params], local_grads, clip_factor, eps
+    )
+    order = [k for group in groups for k in group.index]
+    squares = torch.cat([group.squares.to(groups[0].squares.device) for group in groups])
+    if order != sorted(order):
+        squares = squares[torch.tensor(order).argsort().to(squares.device)]
+    norms = squares.sqrt()
+    if any(is_dtensor(g) for g in grads.grads):
+        norms = globalize_norms(grads.grads, norms, 2.0)
+    total_norm = total_norm_of(norms, 2.0)
+    if policy == "raise":
+        raise_if_nonfinite(grads, norms, total_norm)
+    stacked = [group.factors for group in groups]
+    if not (_sync.branch_on_host(stacked) and all(bool((f == 1.0).all()) for f in stacked)):
+        targets = [local_grads[k] for k in order]
+        foreach_mul_(targets, [f for group in stacked for f in group.unbind(0)], foreach=None)
+    if policy == "zero":
+        zero_if_nonfinite_(grads.grads, total_norm)
+    return total_norm
+
+
+def _check_units_whole(name: str, param: Tensor) -> None:
+    """AGC's units are dim-0 slices: only Shard(0) and Replicate keep each on one rank."""
+    if not is_dtensor(param):
+        return
+    placements = param.placements  # type: ignore[attr-defined]
+    for placement in placements:
+        if placement.is_partial() or (placement.is_shard() and placement.dim != 0):
+            raise NotImplementedError(
+                f"AGC on {name} sharded as {placements}: only Shard(0) and Replicate keep "
+                "each unit (a dim-0 slice) whole on one rank"
+            )

@@ -1,0 +1,248 @@
+"""Gradient norms: per tensor, in total, and per unit, in one pass and without host sync.
+
+The norms are computed once per step and shared by every consumer (the clipping
+strategy, the monitor, the non-finite check). Two differences from
+``torch.nn.utils.get_total_norm``, both deliberate:
+
+* **fp32 accumulation.** Norms of ``float16``/``bfloat16`` tensors are accumulated and
+  returned in ``float32`` (``float64`` tensors stay ``float64``). torch returns a
+  ``bfloat16`` norm for ``bfloat16`` gradients, which carries 3 significant digits.
+* **Global norms for DTensors.** For DTensor gradients (FSDP2, tensor parallel) the
+  result is the norm of the whole, unsharded tensor as a plain tensor, identical on
+  every rank: the local p-th powers are summed over the sharded mesh dimensions (the
+  maximum for ``inf``) with one all-reduce per mesh and sharding pattern. DTensor and
+  plain gradients may be mixed, and DTensors may live on different meshes; torch
+  raises in both cases.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from gradclip._foreach import group_indices, use_foreach
+from gradclip._params import ParamsLike, check_norm_type, collect_grads
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+__all__ = [
+    "get_total_norm",
+    "globalize_norms",
+    "grad_norm",
+    "tensor_norms",
+    "total_norm_of",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms of ``dtype`` tensors are accumulated and returned in.
+
+    >>> accumulation_dtype(torch.bfloat16)
+    torch.float32
+    >>> accumulation_dtype(torch.float64)
+    torch.float64
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
+
+    Never imports torch.distributed: if its tensor module was not imported, no
+    DTensor can exist.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The p-norm of each tensor, as one 1-D tensor.
+
+    Tensors are grouped by device and dtype and each group takes one fused
+    ``torch._foreach_norm`` call (one read of the memory). The result lives on the
+    device of the first tensor, in ``float32`` (``float64`` if any tensor is).
+
+    Args:
+        tensors: the tensors; plain tensors and DTensors may be mixed.
+        norm_type: p > 0, or ``inf``.
+        foreach: as in ``torch.nn.utils``: ``None`` uses the fused kernels where the
+            device has them, ``True`` requires them, ``False`` loops.
+
+    Returns:
+        A tensor of shape ``(len(tensors),)``; entry ``i`` is ``‖tensors[i]‖_p``,
+        the global norm for a DTensor.
+
+    Raises:
+        RuntimeError: ``foreach=True`` on a device without fused kernels.
+
+    Example:
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.ones(4)])
+        tensor([5., 2.])
+    """
+    p = check_norm_type(norm_type)
+    if not tensors:
+        return torch.zeros(0)
+    has_dtensor = any(is_dtensor(t) for t in tensors)
+    local = [local_tensor(t) for t in tensors] if has_dtensor else list(tensors)
+    norms = stack_norms(_local_norms(local, p, foreach), tensors)
+    return globalize_norms(tensors, norms, p) if has_dtensor else norms
+
+
+def stack_norms(norms: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
+    """Stack 0-d norms on the device of ``like[0]``, in the accumulation dtype of ``like``."""
+    device = like[0].device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in like) else torch.float32
+    moved = [n if n.device == device else n.to(device) for n in norms]
+    return torch.stack(moved).to(dtype)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a pending Partial sum is reduced first), else ``tensor``."""
+    if not is_dtensor(tensor):
+        return tensor
+    dt: DTensor = tensor  # type: ignore[assignment]
+    if any(pl.is_partial() for pl in dt.placements):
+        from torch.distributed.tensor import Replicate
+
+        replicated = [Replicate() if pl.is_partial() else pl for pl in dt.placements]
+        dt = dt.redistribute(dt.device_mesh, replicated)
+    return dt.to_local()
+
+
+def globalize_norms(tensors: Sequence[Tensor], local_norms: Tensor, norm_type: float) -> Tensor:
+    """Turn norms of local shards into global norms, for the DTensors among ``tensors``.
+
+    One all-reduce per (mesh, sharded mesh dims) group: the local norms' p-th powers
+    are summed (maxed for inf) over the mesh dimensions a tensor is sharded on;
+    replicated dimensions hold full copies and are not reduced. Entries of plain
+    tensors are returned unchanged. Every rank must call this with the same tensors.
+    """
+    import torch.distributed as dist
+
+    p = check_norm_type(norm_type)
+    groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if is_dtensor(t):
+            dt: DTensor = t  # type: ignore[assignment]
+            shard_dims = tuple(d for d, pl in enumerate(dt.placements) if pl.is_shard())
+            if shard_dims:
+                groups.setdefault((dt.device_mesh, shard_dims), []).append(i)
+    out = local_norms
+    for (mesh, shard_dims), index in groups.items():
+        where = torch.tensor(index, device=local_norms.device)
+        values = local_norms.index_select(0, where)
+        if not math.isinf(p):
+            values = values.pow(p)
+        op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+        for mesh_dim in shard_dims:
+            dist.all_reduce(values, op, group=mesh.get_group(mesh_dim))
+        if not math.isinf(p):
+            values = values.pow(1.0 / p)
+        out = out.index_copy(0, where, values)
+    return out
+
+
+def total_norm_of(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of all tensors viewed as one vector.
+
+    >>> total_norm_of(torch.tensor([3.0, 4.0]))
+    tensor(5.)
+    """
+    total: Tensor = torch.linalg.vector_norm(norms, check_norm_type(norm_type))
+    return total
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: Tensor | Iterable[Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Drop-in for ``torch.nn.utils.get_total_norm``: the norm of all tensors as one vector.
+
+    Differences from torch (see the module docstring): fp32 accumulation and result
+    for half-precision tensors, and the global norm for DTensors as a plain tensor.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (typically gradients).
+        norm_type: p > 0, or ``inf``.
+        error_if_nonfinite: raise if the norm is NaN or infinite (one host sync).
+        foreach: see :func:`tensor_norms`.
+
+    Returns:
+        A 0-d tensor on the first tensor's device; ``tensor(0.)`` for no tensors.
+
+    Raises:
+        RuntimeError: ``error_if_nonfinite`` and the norm is not finite.
+
+    Example:
+        >>> get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    p = check_norm_type(norm_type)
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    total = total_norm_of(tensor_norms(tensors, p, foreach=foreach), p)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {p} of the tensors is non-finite ({total.item()}), "
+            "so it cannot be clipped. To scale by the non-finite norm anyway, set "
+            "error_if_nonfinite=False"
+        )
+    return total
+
+
+@torch.no_grad()
+def grad_norm(parameters: ParamsLike | torch.nn.Module, norm_type: float = 2.0) -> Tensor:
+    """The total gradient norm of a model or of parameters, as a 0-d tensor.
+
+    One call instead of the usual loop of ``p.grad.norm().item()`` (a host sync per
+    parameter). Parameters without gradients are skipped.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> grad_norm(model)  # weight grad (1, 1), bias grad 1
+        tensor(1.7321)
+    """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = list(parameters.parameters())
+    grads = collect_grads(parameters).grads
+    return get_total_norm(grads, norm_type)
+
+
+def _local_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+    """Per-tensor norms of plain (local) tensors, in order, each a 0-d tensor."""
+    groups = group_indices(tensors)
+    if len(groups) == 1:  # the common case: results are already in order
+        ((device, dtype),) = groups
+        return _group_norms(list(tensors), device, dtype, p, foreach)
+    norms: list[Tensor] = [torch.empty(0)] * len(tensors)
+    for (device, dtype), index in groups.items():
+        result = _group_norms([tensors[i] for i in index], device, dtype, p, foreach)
+        for i, norm in zip(index, result):
+            norms[i] = norm
+    return norms
+
+
+def _group_norms(
+    group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
+) -> list[Tensor]:
+    accum = accumulation_dtype(dtype)
+    cast = None if accum == dtype else accum
+    if use_foreach(group, device, foreach):
+        return list(torch._foreach_norm(group, p, dtype=cast))
+    return [torch.linalg.vector_norm(t, p, dtype=cast) for t in group]
