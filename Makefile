@@ -23,7 +23,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/gradclip demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

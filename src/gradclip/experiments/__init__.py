@@ -1,0 +1,1 @@
+"""Experiments: training tasks that show what clipping does, and when it helps."""
