@@ -1,7 +1,8 @@
 """gradclip: gradient clipping for PyTorch that you can trust and measure.
 
 Drop-in replacements for ``torch.nn.utils`` clipping (same signatures, same results),
-unit-wise AGC, and the norms they are built on, all free of host syncs on the hot path.
+unit-wise AGC, stateful adaptive strategies, and the norms they are built on, all
+free of host syncs on the hot path.
 
 Example:
     >>> import torch, gradclip
@@ -12,6 +13,14 @@ Example:
     True
 """
 
+from gradclip.clippers import (
+    Clipper,
+    ClipStats,
+    GlobalNormClipper,
+    NoClip,
+    NormClip,
+    ValueClip,
+)
 from gradclip.functional import (
     clip_grad_agc_,
     clip_grad_norm_,
@@ -20,17 +29,25 @@ from gradclip.functional import (
 )
 from gradclip.nonfinite import NonFiniteGradientError, NonFinitePolicy
 from gradclip.norms import get_total_norm, grad_norm, tensor_norms
+from gradclip.spec import from_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipStats",
+    "Clipper",
+    "GlobalNormClipper",
+    "NoClip",
     "NonFiniteGradientError",
     "NonFinitePolicy",
+    "NormClip",
+    "ValueClip",
     "__version__",
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "from_spec",
     "get_total_norm",
     "grad_norm",
     "tensor_norms",

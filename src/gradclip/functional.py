@@ -189,7 +189,11 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    grads = collect_grads(parameters).grads
+    clamp_grads_(collect_grads(parameters).grads, clip_value, foreach=foreach)
+
+
+def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None = None) -> None:
+    """Clamp tensors to ``[-clip_value, clip_value]`` in place: the kernel of value clipping."""
     for (device, _), index in group_indices(grads).items():
         group = [grads[i] for i in index]
         large = [g.numel() >= VALUE_ONE_PASS_MIN_NUMEL for g in group]

@@ -1,0 +1,353 @@
+"""The ``Clipper`` base: a stateful strategy bound to parameters like a torch optimizer.
+
+A clipper owns parameter groups (each with its own options), per-group state made
+of tensors and numbers, and one entry point, :meth:`Clipper.clip_`, which:
+
+1. reads every bound gradient's norm in one fused pass (:func:`gradclip.tensor_norms`),
+2. applies the non-finite policy's check (``"raise"`` only: one host sync),
+3. lets the strategy turn norms and state into scales, apply them in place and
+   update its state (:meth:`Clipper._clip_group`), all on the device,
+4. returns :class:`ClipStats` of 0-d tensors.
+
+Nothing in ``clip_()`` reads a device tensor on the host, except the explicit
+``"raise"`` policy. A strategy never lets a non-finite norm into its state: updates
+are masked with :meth:`Clipper.keep_if_finite`, so a bad batch cannot poison an
+adaptive threshold.
+
+Subclasses set ``defaults`` through ``super().__init__`` and implement
+``_clip_group`` (or, for strategies that scale a group by one factor, subclass
+:class:`GlobalNormClipper` and implement ``_threshold`` and ``_update``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from gradclip._params import GradList, ParamsLike, check_norm_type, collect_grads
+from gradclip.clippers.stats import ClipStats
+from gradclip.functional import clip_coefficient, scale_grads_
+from gradclip.nonfinite import check_policy, raise_if_nonfinite, zero_if_nonfinite_
+from gradclip.norms import tensor_norms, total_norm_of
+
+State = dict[str, Any]
+"""A group's state: names to tensors or numbers (so ``torch.load(weights_only=True)`` works)."""
+
+ParamGroup = dict[str, Any]
+"""A parameter group: ``params`` (list of tensors), ``names`` (list of str), and options."""
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """What a strategy did to one parameter group (all 0-d tensors).
+
+    Attributes:
+        threshold: the largest group norm let through unchanged (``inf``: no clipping).
+        clipped_norm: the group's norm after clipping.
+        clipped: whether any gradient of the group was scaled down.
+    """
+
+    threshold: Tensor
+    clipped_norm: Tensor
+    clipped: Tensor
+
+
+_REGISTRY: dict[str, type[Clipper]] = {}
+
+
+class Clipper:
+    """Base class of stateful clipping strategies.
+
+    Args:
+        params: an iterable of parameters, ``named_parameters()`` pairs, or dicts
+            (param groups) with a ``"params"`` entry and per-group options.
+        defaults: the strategy's options and their default values.
+        norm_type: the p of the norms, p > 0 or ``inf``.
+        nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"`` (see
+            :mod:`gradclip.nonfinite`). Whatever the policy, non-finite norms never
+            enter the strategy's state.
+
+    Attributes:
+        param_groups: the groups, each a dict with ``params``, ``names`` and options.
+        state: one state dict per group.
+        step: the number of ``clip_()`` calls so far.
+    """
+
+    spec_name: ClassVar[str | None] = None
+    """The name in strategy spec strings (``"zclip"``), or None if not reachable by spec."""
+    spec_positional: ClassVar[str | None] = None
+    """The option a bare spec value sets (``"norm:1.0"`` sets ``max_norm``)."""
+    spec_aliases: ClassVar[Mapping[str, str]] = {}
+    """Short option names in specs (``{"z": "z_thresh"}``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("spec_name"):
+            _REGISTRY[cls.spec_name] = cls  # type: ignore[index]
+
+    def __init__(
+        self,
+        params: ParamsLike | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        norm_type: float = 2.0,
+        nonfinite: str = "ignore",
+    ) -> None:
+        self.defaults = dict(defaults)
+        self.norm_type = check_norm_type(norm_type)
+        self.nonfinite = check_policy(nonfinite)
+        self.param_groups: list[ParamGroup] = []
+        self.step = 0
+        for group in _as_groups(params):
+            self.add_param_group(group)
+        if not self.param_groups:
+            raise ValueError(f"{type(self).__name__} got no parameters to clip")
+        self.state: list[State] = [self._init_state(g) for g in self.param_groups]
+
+    # -- the strategy's part -------------------------------------------------------
+
+    def _check_options(self, group: ParamGroup) -> None:
+        """Validate a group's options; raise ``ValueError``/``TypeError`` naming the value."""
+
+    def _init_state(self, group: ParamGroup) -> State:
+        """A fresh state for ``group`` (tensors on the CPU; moved to the gradients' device)."""
+        return {}
+
+    def _clip_group(
+        self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
+    ) -> GroupResult:
+        """Clip ``grads`` in place given their pre-clip ``norms``, update ``state``."""
+        raise NotImplementedError
+
+    # -- the shared machinery ------------------------------------------------------
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a group of parameters with its own options (defaults fill the rest).
+
+        Raises:
+            ValueError: an unknown option, or a parameter already in another group.
+        """
+        unknown = sorted(set(group) - {"params"} - set(self.defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(
+                f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {valid}"
+            )
+        items = group["params"]
+        items = [items] if isinstance(items, Tensor) else list(items)
+        named = [_named(item, index) for index, item in enumerate(items)]
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for name, p in named:
+            if id(p) in seen:
+                raise ValueError(f"parameter {name} appears in more than one parameter group")
+        new: ParamGroup = {**self.defaults, **group}
+        new["params"] = [p for _, p in named]
+        new["names"] = [n for n, _ in named]
+        self._check_options(new)
+        self.param_groups.append(new)
+        if hasattr(self, "state"):
+            self.state.append(self._init_state(new))
+
+    @torch.no_grad()
+    def clip_(self) -> ClipStats:
+        """Clip the bound gradients in place and return what was done, without host sync.
+
+        Raises:
+            NonFiniteGradientError: policy ``"raise"`` and a gradient is not finite
+                (nothing is modified and the state is untouched).
+        """
+        grouped = [_grads_of(g) for g in self.param_groups]
+        every = [g for grads in grouped for g in grads]
+        self.step += 1
+        if not every:
+            return self._empty_stats()
+        p = self.norm_type
+        norms = tensor_norms(every, p)
+        total_norm = total_norm_of(norms, p)
+        if self.nonfinite == "raise":
+            raise_if_nonfinite(self._named_grads(), norms, total_norm)
+        results: list[GroupResult] = []
+        offset = 0
+        for group, state, grads in zip(self.param_groups, self.state, grouped):
+            if not grads:
+                continue
+            _to_device(state, norms.device)
+            group_norms = norms[offset : offset + len(grads)]
+            offset += len(grads)
+            results.append(self._clip_group(group, state, grads, group_norms))
+        if len(results) == 1:
+            threshold, clipped_norm = results[0].threshold, results[0].clipped_norm
+        else:
+            threshold = total_norm_of(torch.stack([r.threshold for r in results]), p)
+            clipped_norm = total_norm_of(torch.stack([r.clipped_norm for r in results]), p)
+        clipped = torch.stack([r.clipped for r in results]).any()
+        finite = torch.isfinite(total_norm)
+        if self.nonfinite == "zero":
+            zero_if_nonfinite_(every, total_norm)
+            clipped_norm = torch.where(finite, clipped_norm, 0.0)
+        scale = torch.where(total_norm > 0, clipped_norm / total_norm, 1.0)
+        return ClipStats(
+            total_norm=total_norm,
+            threshold=threshold.to(total_norm.dtype),
+            scale=scale,
+            clipped_norm=clipped_norm,
+            clipped=clipped,
+            finite=finite,
+            step=torch.tensor(self.step, device=total_norm.device),
+            norms=norms,
+        )
+
+    @staticmethod
+    def keep_if_finite(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
+        """``new`` where ``finite``, else ``old``: a branch-free guard for state updates."""
+        return torch.where(finite, new, old)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state and options: tensors and numbers only.
+
+        Loadable with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "step": self.step,
+            "state": [{k: _copy(v) for k, v in s.items()} for s in self.state],
+            "options": [
+                {k: v for k, v in g.items() if isinstance(v, int | float | bool | str)}
+                for g in self.param_groups
+            ],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (options stay as constructed).
+
+        Raises:
+            ValueError: the number of groups or the state's keys do not match.
+        """
+        states = state_dict["state"]
+        if len(states) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(states)} parameter groups; this "
+                f"{type(self).__name__} has {len(self.param_groups)}"
+            )
+        for index, (mine, theirs) in enumerate(zip(self.state, states)):
+            if set(mine) != set(theirs):
+                raise ValueError(
+                    f"state_dict group {index} has keys {sorted(theirs)}; "
+                    f"{type(self).__name__} expects {sorted(mine)}"
+                )
+        self.state = [{k: _copy(v) for k, v in s.items()} for s in states]
+        self.step = int(state_dict["step"])
+
+    def reset(self) -> None:
+        """Forget all history: fresh state and step 0 (options are kept)."""
+        self.state = [self._init_state(g) for g in self.param_groups]
+        self.step = 0
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        sizes = ", ".join(str(len(g["params"])) for g in self.param_groups)
+        return f"{type(self).__name__}({options}; params per group: [{sizes}])"
+
+    def _named_grads(self) -> GradList:
+        """Every bound gradient with its parameter's name, for error messages."""
+        pairs = [pair for g in self.param_groups for pair in zip(g["names"], g["params"])]
+        return collect_grads(pairs, empty_generator_ok=True)
+
+    def _empty_stats(self) -> ClipStats:
+        zero = torch.tensor(0.0)
+        return ClipStats(
+            total_norm=zero,
+            threshold=torch.tensor(math.inf),
+            scale=torch.tensor(1.0),
+            clipped_norm=zero,
+            clipped=torch.tensor(False),
+            finite=torch.tensor(True),
+            step=torch.tensor(self.step),
+            norms=torch.zeros(0),
+        )
+
+
+class GlobalNormClipper(Clipper):
+    """A strategy that scales all of a group's gradients by one factor, like torch.
+
+    Subclasses give the threshold from their state (``_threshold``) and update the
+    state from this step (``_update``); the scale is torch's
+    ``min(1, threshold / (total_norm + 1e-6))``, applied in one fused pass.
+    """
+
+    def _threshold(self, group: ParamGroup, state: State, total_norm: Tensor) -> Tensor:
+        """This step's threshold (a 0-d tensor; ``inf`` to leave the gradients alone)."""
+        raise NotImplementedError
+
+    def _update(
+        self, group: ParamGroup, state: State, total_norm: Tensor, clipped_norm: Tensor
+    ) -> None:
+        """Update ``state`` after clipping (guard with :meth:`keep_if_finite`)."""
+
+    def _clip_group(
+        self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
+    ) -> GroupResult:
+        total_norm = total_norm_of(norms, self.norm_type)
+        threshold = self._threshold(group, state, total_norm)
+        scale = clip_coefficient(threshold, total_norm)
+        scale_grads_(grads, scale)
+        clipped_norm = total_norm * scale
+        self._update(group, state, total_norm, clipped_norm)
+        return GroupResult(threshold, clipped_norm, scale < 1.0)
+
+
+def registry() -> dict[str, type[Clipper]]:
+    """The clippers reachable by spec name (a copy)."""
+    return dict(_REGISTRY)
+
+
+def _as_groups(params: ParamsLike | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(params, Tensor):
+        return [{"params": [params]}]
+    items = list(params)
+    if items and all(isinstance(item, dict) for item in items):
+        for index, item in enumerate(items):
+            if "params" not in item:
+                raise ValueError(f"param group {index} has no 'params' entry")
+        return items  # type: ignore[return-value]
+    if any(isinstance(item, dict) for item in items):
+        raise TypeError("params mixes param-group dicts with tensors; pass one or the other")
+    return [{"params": items}]
+
+
+def _named(item: object, index: int) -> tuple[str, Tensor]:
+    if isinstance(item, Tensor):
+        return f"params[{index}]", item
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], Tensor)
+    ):
+        return item[0], item[1]
+    raise TypeError(
+        f"params[{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair"
+    )
+
+
+def _grads_of(group: ParamGroup) -> list[Tensor]:
+    grads = [p.grad for p in group["params"] if p.grad is not None]
+    for grad in grads:
+        if grad.layout is not torch.strided:
+            collect_grads(list(zip(group["names"], group["params"])))  # raises, naming it
+    return grads
+
+
+def _to_device(state: State, device: torch.device) -> None:
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.device != device:
+            state[key] = value.to(device)
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else value

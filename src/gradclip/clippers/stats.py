@@ -1,0 +1,47 @@
+"""``ClipStats``: what one clipping step did, as 0-d tensors (no host sync to produce)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ClipStats:
+    """The record of one ``clip_()`` call. Every field is a 0-d tensor on the gradients' device.
+
+    Reading a field on the host (``.item()``) waits for the device: do it at a
+    logging interval, not every step (:class:`gradclip.GradMonitor` does that).
+
+    Attributes:
+        total_norm: global norm of the gradients before clipping (float32/float64).
+        threshold: the largest total norm the strategy let through unchanged this
+            step: the norm bound of a global-norm strategy; for per-tensor, per-unit
+            and per-element strategies, the norm of their per-piece bounds. ``inf``
+            when the strategy does not clip (e.g. during a warm-up).
+        scale: the factor applied to the gradients (1 = untouched); for strategies
+            that scale pieces differently, the effective ``clipped_norm / total_norm``.
+        clipped_norm: global norm of the gradients after clipping.
+        clipped: whether any gradient was scaled down (bool).
+        finite: whether ``total_norm`` is finite (bool).
+        step: the clipper's step count including this call (int64).
+        norms: per-tensor pre-clip norms, in the order of the bound parameters that
+            had gradients (1-D); lets a monitor log per-layer norms without a second pass.
+    """
+
+    total_norm: Tensor
+    threshold: Tensor
+    scale: Tensor
+    clipped_norm: Tensor
+    clipped: Tensor
+    finite: Tensor
+    step: Tensor
+    norms: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Host copies of the scalar fields, in one transfer (a host sync)."""
+        names = [f.name for f in fields(self) if f.name != "norms"]
+        values = torch.stack([getattr(self, n).double() for n in names]).tolist()
+        return dict(zip(names, values, strict=True))
