@@ -65,6 +65,8 @@ def from_spec(
                 f"strategy {name!r} has no option {key!r} (spec {spec!r}); valid: "
                 f"{', '.join(valid) or 'none'}{hint}"
             )
+        if key in resolved:
+            raise ValueError(f"in spec {spec!r}, option {key!r} is given twice")
         resolved[key] = value
     resolved.update(overrides)
     return cls(params, **resolved)

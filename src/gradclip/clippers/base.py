@@ -105,8 +105,11 @@ class Clipper:
         self.step = 0
         for group in _as_groups(params):
             self.add_param_group(group)
-        if not self.param_groups:
-            raise ValueError(f"{type(self).__name__} got no parameters to clip")
+        if not any(g["params"] for g in self.param_groups):
+            raise ValueError(
+                f"{type(self).__name__} got no parameters to clip (an exhausted "
+                "model.parameters() generator?)"
+            )
         self.state: list[State] = [self._init_state(g) for g in self.param_groups]
 
     # -- the strategy's part -------------------------------------------------------
@@ -164,14 +167,15 @@ class Clipper:
         """
         grouped = [_grads_of(g) for g in self.param_groups]
         every = [g for grads in grouped for g in grads]
-        self.step += 1
         if not every:
+            self.step += 1
             return self._empty_stats()
         p = self.norm_type
         norms = tensor_norms(every, p)
         total_norm = total_norm_of(norms, p)
         if self.nonfinite == "raise":
             raise_if_nonfinite(self._named_grads(), norms, total_norm)
+        self.step += 1
         results: list[GroupResult] = []
         offset = 0
         for group, state, grads in zip(self.param_groups, self.state, grouped):

@@ -1,0 +1,244 @@
+"""The Clipper base through its simplest strategies: NoClip, NormClip, ValueClip."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gradclip import NoClip, NonFiniteGradientError, NormClip, ValueClip
+from sync_guard import no_host_sync
+
+
+def params_with_grads(seed: int = 0, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (6,), (3, 6), (3,), ()]
+    out = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g))
+        p.grad = torch.randn(shape, generator=g) * scale
+        out.append(p)
+    return out
+
+
+def clone(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out
+
+
+def reference_norm(grads: list[torch.Tensor], p: float = 2.0) -> float:
+    flat = torch.cat([g.double().flatten() for g in grads])
+    return float(flat.abs().max()) if math.isinf(p) else float(flat.abs().pow(p).sum() ** (1 / p))
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.1, 1.0, 1e6])
+def test_normclip_matches_torch_bit_for_bit(norm_type: float, max_norm: float) -> None:
+    ours, theirs = params_with_grads(), params_with_grads()
+    stats = NormClip(ours, max_norm=max_norm, norm_type=norm_type).clip_()
+    total = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+    assert torch.equal(stats.total_norm, total)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+    assert bool(stats.clipped) == (float(total) > max_norm)
+    assert stats.clipped_norm.item() == pytest.approx(
+        reference_norm([p.grad for p in ours], norm_type), rel=1e-5
+    )
+    assert stats.threshold.item() == pytest.approx(max_norm)
+
+
+def test_stats_norms_are_pre_clip_per_tensor_norms() -> None:
+    params = params_with_grads(scale=10.0)
+    expected = [float(p.grad.double().norm()) for p in params]
+    stats = NormClip(params, max_norm=0.5).clip_()
+    assert stats.norms.tolist() == pytest.approx(expected, rel=1e-6)
+    assert stats.scale.item() == pytest.approx(
+        0.5 / reference_norm([torch.tensor(expected)]), rel=1e-5
+    )
+
+
+def test_noclip_measures_and_leaves_grads_alone() -> None:
+    params = params_with_grads(scale=100.0)
+    before = [p.grad.clone() for p in params]
+    stats = NoClip(params).clip_()
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert stats.total_norm.item() == pytest.approx(reference_norm(before), rel=1e-6)
+    assert math.isinf(stats.threshold.item()) and not bool(stats.clipped)
+    assert stats.scale.item() == 1.0
+
+
+def test_valueclip_matches_torch_and_reports() -> None:
+    ours, theirs = params_with_grads(scale=3.0), params_with_grads(scale=3.0)
+    pre = reference_norm([p.grad for p in ours])
+    stats = ValueClip(ours, clip_value=0.5).clip_()
+    torch.nn.utils.clip_grad_value_(theirs, 0.5)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+    assert stats.total_norm.item() == pytest.approx(pre, rel=1e-6)
+    assert stats.clipped_norm.item() == pytest.approx(
+        reference_norm([p.grad for p in theirs]), rel=1e-6
+    )
+    numel = sum(p.numel() for p in ours)
+    assert stats.threshold.item() == pytest.approx(0.5 * math.sqrt(numel), rel=1e-6)
+    assert bool(stats.clipped)
+    calm = params_with_grads(scale=1e-3)
+    assert not bool(ValueClip(calm, clip_value=0.5).clip_().clipped)
+
+
+def test_param_groups_clip_each_group_to_its_own_threshold() -> None:
+    a, b = params_with_grads(seed=1, scale=5.0), params_with_grads(seed=2, scale=5.0)
+    ref_a, ref_b = clone(a), clone(b)
+    pre = reference_norm([p.grad for p in a + b])
+    clipper = NormClip([{"params": a, "max_norm": 0.5}, {"params": b}], max_norm=2.0)
+    stats = clipper.clip_()
+    torch.nn.utils.clip_grad_norm_(ref_a, 0.5)
+    torch.nn.utils.clip_grad_norm_(ref_b, 2.0)
+    for x, y in zip(a + b, ref_a + ref_b):
+        assert torch.equal(x.grad, y.grad)
+    assert stats.total_norm.item() == pytest.approx(pre, rel=1e-6)
+    assert stats.threshold.item() == pytest.approx(math.hypot(0.5, 2.0), rel=1e-6)
+    assert stats.clipped_norm.item() == pytest.approx(
+        reference_norm([p.grad for p in a + b]), rel=1e-5
+    )
+
+
+def test_named_parameters_name_the_culprit_and_nothing_changes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model(torch.randn(5, 3)).sum().backward()
+    model[1].bias.grad[0] = float("nan")
+    before = [p.grad.clone() for p in model.parameters()]
+    clipper = NormClip(model.named_parameters(), max_norm=0.1, nonfinite="raise")
+    with pytest.raises(NonFiniteGradientError, match=r"1\.bias"):
+        clipper.clip_()
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
+    assert clipper.step == 0
+
+
+def test_zero_policy_zeroes_all_grads_on_nonfinite(branch_on_cpu: bool) -> None:
+    params = params_with_grads()
+    params[2].grad[0, 0] = float("inf")
+    stats = NormClip(params, max_norm=1.0, nonfinite="zero").clip_()
+    assert all(bool((p.grad == 0).all()) for p in params)
+    assert not bool(stats.finite)
+    assert stats.clipped_norm.item() == 0.0
+
+
+def test_parameters_without_grads_are_skipped_and_empty_is_fine() -> None:
+    params = params_with_grads()
+    params[1].grad = None
+    ref = clone(params)
+    stats = NormClip(params, max_norm=0.3).clip_()
+    torch.nn.utils.clip_grad_norm_(ref, 0.3)
+    for a, b in zip(params, ref):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    assert stats.norms.shape == (4,)
+    for p in params:
+        p.grad = None
+    empty = NormClip(params, max_norm=0.3).clip_()
+    assert empty.total_norm.item() == 0.0 and not bool(empty.clipped)
+
+
+def test_step_counts_calls_and_state_dict_round_trips() -> None:
+    params = params_with_grads()
+    clipper = NormClip(params, max_norm=0.5)
+    for _ in range(3):
+        stats = clipper.clip_()
+    assert stats.step.item() == 3 and clipper.step == 3
+    buffer = io.BytesIO()
+    torch.save(clipper.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    fresh = NormClip(params, max_norm=0.5)
+    fresh.load_state_dict(loaded)
+    assert fresh.step == 3
+    fresh.reset()
+    assert fresh.step == 0
+
+
+def test_load_state_dict_rejects_mismatched_groups() -> None:
+    a, b = params_with_grads(1), params_with_grads(2)
+    two = NormClip([{"params": a}, {"params": b}], max_norm=1.0)
+    one = NormClip(a, max_norm=1.0)
+    with pytest.raises(ValueError, match="2 parameter groups"):
+        one.load_state_dict(two.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: NormClip(p, max_norm=-1.0), "max_norm must be > 0; got -1.0"),
+        (lambda p: NormClip(p, max_norm=float("nan")), "max_norm must be a finite number; got nan"),
+        (lambda p: NormClip(p, max_norm=0.0), "max_norm must be > 0; got 0.0"),
+        (lambda p: NormClip(p, max_norm="1"), "max_norm must be a real number; got '1'"),
+        (lambda p: ValueClip(p, clip_value=-2), "clip_value must be > 0; got -2.0"),
+        (lambda p: NormClip(p, norm_type=0), "norm_type must be > 0 or inf; got 0.0"),
+        (
+            lambda p: NormClip(p, nonfinite="skip!"),
+            "nonfinite must be one of ignore, raise, zero; got 'skip!'",
+        ),
+        (
+            lambda p: NormClip([{"params": p, "max_nrom": 1.0}]),
+            "no option 'max_nrom'; valid options: max_norm",
+        ),
+        (lambda p: NormClip([{"params": p}, {"params": p[:1]}]), "more than one parameter group"),
+        (lambda p: NormClip([]), "got no parameters"),
+    ],
+)
+def test_bad_options_are_clear_errors(make, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(
+        (ValueError, TypeError), match=match.replace("(", r"\(").replace(")", r"\)")
+    ):
+        make(params_with_grads())
+
+
+def test_non_tensor_items_are_type_errors() -> None:
+    with pytest.raises(TypeError, match=r"params\[1\] is a str"):
+        NormClip([torch.nn.Parameter(torch.zeros(1)), "weight"], max_norm=1.0)
+
+
+@pytest.mark.parametrize("policy", ["ignore", "zero"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p, n: NormClip(p, 0.5, nonfinite=n),
+        lambda p, n: NoClip(p, nonfinite=n),
+        lambda p, n: ValueClip(p, 0.1, nonfinite=n),
+    ],
+)
+def test_clip_is_sync_free(no_cpu_branch: None, make, policy: str) -> None:  # type: ignore[no-untyped-def]
+    clipper = make(params_with_grads(scale=4.0), policy)
+    with no_host_sync():
+        for _ in range(3):
+            clipper.clip_()
+
+
+@given(
+    scale=st.floats(1e-3, 1e3),
+    max_norm=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_normclip_properties(scale: float, max_norm: float, seed: int) -> None:
+    params = []
+    for p in params_with_grads(seed, scale):
+        q = torch.nn.Parameter(p.detach().double())
+        q.grad = p.grad.double()
+        params.append(q)
+    before = [p.grad.clone() for p in params]
+    stats = NormClip(params, max_norm=max_norm).clip_()
+    after = reference_norm([p.grad for p in params])
+    assert after <= max_norm * (1 + 1e-5)
+    pre = reference_norm(before)
+    if pre <= max_norm * (1 - 1e-5):
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    ratio = stats.scale.item()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad, b * ratio, rtol=1e-6, atol=1e-12)
