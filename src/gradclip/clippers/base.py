@@ -205,6 +205,7 @@ class Clipper:
             finite=finite,
             step=torch.tensor(self.step, device=total_norm.device),
             norms=norms,
+            params=tuple(p for g in self.param_groups for p in g["params"] if p.grad is not None),
         )
 
     @staticmethod

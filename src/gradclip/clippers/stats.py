@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ class ClipStats:
         step: the clipper's step count including this call (int64).
         norms: per-tensor pre-clip norms, in the order of the bound parameters that
             had gradients (1-D); lets a monitor log per-layer norms without a second pass.
+        params: the parameters ``norms`` belong to, in the same order (not compared,
+            not printed), so a monitor can match norms to its own parameters.
     """
 
     total_norm: Tensor
@@ -39,9 +41,10 @@ class ClipStats:
     finite: Tensor
     step: Tensor
     norms: Tensor
+    params: tuple[Tensor, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float]:
         """Host copies of the scalar fields, in one transfer (a host sync)."""
-        names = [f.name for f in fields(self) if f.name != "norms"]
+        names = [f.name for f in fields(self) if f.name not in ("norms", "params")]
         values = torch.stack([getattr(self, n).double() for n in names]).tolist()
         return dict(zip(names, values, strict=True))
