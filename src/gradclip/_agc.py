@@ -33,11 +33,16 @@ class UnitFactors:
             against gradient ``index[j]`` and is 1 for units within the bound.
         squares: shape ``(len(index),)``, each gradient's squared L2 norm before
             clipping, in the accumulation dtype.
+        unit_norms: ‖G_i‖ per unit before clipping, the shape of ``factors``.
+        bounds: λ·max(‖W_i‖, eps) per unit, the shape of ``factors`` (the clipped
+            unit norm is ``unit_norms * factors``; both serve stateful AGC's stats).
     """
 
     index: list[int]
     factors: Tensor
     squares: Tensor
+    unit_norms: Tensor
+    bounds: Tensor
 
 
 def unit_clip_factors(
@@ -63,15 +68,22 @@ def unit_clip_factors(
             # Dim 0 stacks the tensors; units are rows of matrices, whole vectors, and
             # for 0-d tensors each stacked element.
             dims = tuple(range(2, g.ndim)) if len(shape) > 1 else (1,) if shape else None
-            factors, g_norm = _factor(w, g, dims, clip_factor, eps, accum, elementwise=not shape)
-            squares = g_norm.square().flatten(1).sum(1)
-            out.append(UnitFactors(index, factors, squares))
+            factors, g_norm, bounds = _factor(
+                w, g, dims, clip_factor, eps, accum, elementwise=not shape
+            )
+            squares = g_norm.square().reshape(len(index), -1).sum(1)
+            out.append(UnitFactors(index, factors, squares, g_norm, bounds))
         else:
             for k in index:
                 g = grads[k]
                 unit_dims = tuple(range(1, g.ndim)) if g.ndim > 1 else None
-                factors, g_norm = _factor(params[k], g, unit_dims, clip_factor, eps, accum)
-                out.append(UnitFactors([k], factors.unsqueeze(0), g_norm.square().sum().reshape(1)))
+                factors, g_norm, bounds = _factor(params[k], g, unit_dims, clip_factor, eps, accum)
+                squares = g_norm.square().sum().reshape(1)
+                out.append(
+                    UnitFactors(
+                        [k], factors.unsqueeze(0), squares, g_norm.unsqueeze(0), bounds.unsqueeze(0)
+                    )
+                )
     return out
 
 
@@ -84,10 +96,11 @@ def _factor(
     accum: torch.dtype,
     *,
     elementwise: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Branch-free: ``λ·max(‖W_i‖, eps) / max(‖G_i‖, 1e-6)`` where over the bound, else 1.
 
-    Returns the factor and ``‖G_i‖`` (both keepdim, broadcastable to ``g``).
+    Returns the factor, ``‖G_i‖`` and the bound ``λ·max(‖W_i‖, eps)`` (all keepdim,
+    broadcastable to ``g``).
     """
     if elementwise:  # a stack of 0-d tensors: each element is its own unit
         w_norm, g_norm = w.abs().to(accum), g.abs().to(accum)
@@ -96,4 +109,4 @@ def _factor(
         g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=accum)
     max_norm = w_norm.clamp_min(eps).mul_(clip_factor)
     factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
-    return factor, g_norm
+    return factor, g_norm, max_norm

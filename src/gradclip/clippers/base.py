@@ -21,6 +21,7 @@ Subclasses set ``defaults`` through ``super().__init__`` and implement
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gradclip._params import GradList, ParamsLike, check_norm_type, collect_grads
+from gradclip.clippers.schedule import Schedule, check_schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.functional import clip_coefficient, scale_grads_
 from gradclip.nonfinite import check_policy, raise_if_nonfinite, zero_if_nonfinite_
@@ -283,7 +285,82 @@ class GlobalNormClipper(Clipper):
     Subclasses give the threshold from their state (``_threshold``) and update the
     state from this step (``_update``); the scale is torch's
     ``min(1, threshold / (total_norm + 1e-6))``, applied in one fused pass.
+
+    Threshold schedules: a subclass that puts a ``"schedule"`` option in its
+    defaults (None by default; see :mod:`gradclip.clippers.schedule`) gets the
+    threshold from ``_threshold`` passed through the group's schedule before the
+    scale is computed, with the 0-based index of this ``clip_()`` call as the step.
+    Schedule state is saved, loaded and reset with the clipper's. A group that
+    would share a schedule instance with an earlier group gets a deep copy, so
+    groups never share schedule state. Subclasses overriding ``_clip_group`` call
+    :meth:`_scheduled` themselves.
     """
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a group (see :meth:`Clipper.add_param_group`); validates its ``schedule``."""
+        if "schedule" in self.defaults:
+            schedule = check_schedule(group.get("schedule", self.defaults["schedule"]))
+            if schedule is not None and any(
+                g.get("schedule") is schedule for g in self.param_groups
+            ):
+                schedule = copy.deepcopy(schedule)
+            group = {**group, "schedule": schedule}
+        super().add_param_group(group)
+
+    def _scheduled(self, group: ParamGroup, threshold: Tensor, total_norm: Tensor) -> Tensor:
+        """``threshold`` through the group's schedule, if it has one (no host sync)."""
+        schedule: Schedule | None = group.get("schedule")
+        if schedule is None:
+            return threshold
+        return schedule(self.step - 1, threshold, total_norm)
+
+    def _schedules(self) -> list[Schedule | None]:
+        return [g.get("schedule") for g in self.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state dict plus ``"schedules"``: one schedule state per group."""
+        state_dict = super().state_dict()
+        state_dict["schedules"] = [{} if s is None else s.state_dict() for s in self._schedules()]
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`, schedule states included.
+
+        Raises:
+            ValueError: groups, state keys or schedule states do not match.
+        """
+        schedules = self._schedules()
+        saved = state_dict.get("schedules", [{}] * len(schedules))
+        if len(saved) != len(schedules):
+            super().load_state_dict(state_dict)  # raises naming the group counts if they differ
+            raise ValueError(
+                f"state_dict has schedule states for {len(saved)} groups; this "
+                f"{type(self).__name__} has {len(schedules)}"
+            )
+        for index, (schedule, theirs) in enumerate(zip(schedules, saved)):
+            if schedule is None and theirs:
+                raise ValueError(
+                    f"state_dict group {index} has schedule state {sorted(theirs)}, but "
+                    "that group of this clipper has no schedule"
+                )
+        super().load_state_dict(state_dict)
+        for schedule, theirs in zip(schedules, saved):
+            if schedule is not None:
+                schedule.load_state_dict(theirs)
+
+    def reset(self) -> None:
+        """Forget all history, the schedules' included."""
+        super().reset()
+        for schedule in self._schedules():
+            if schedule is not None:
+                schedule.reset()
+
+    def __repr__(self) -> str:
+        if self.defaults.get("schedule", True) is not None:
+            return super().__repr__()
+        options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items() if k != "schedule")
+        sizes = ", ".join(str(len(g["params"])) for g in self.param_groups)
+        return f"{type(self).__name__}({options}; params per group: [{sizes}])"
 
     def _threshold(self, group: ParamGroup, state: State, total_norm: Tensor) -> Tensor:
         """This step's threshold (a 0-d tensor; ``inf`` to leave the gradients alone)."""
@@ -298,7 +375,7 @@ class GlobalNormClipper(Clipper):
         self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
     ) -> GroupResult:
         total_norm = total_norm_of(norms, self.norm_type)
-        threshold = self._threshold(group, state, total_norm)
+        threshold = self._scheduled(group, self._threshold(group, state, total_norm), total_norm)
         scale = clip_coefficient(threshold, total_norm)
         scale_grads_(grads, scale)
         clipped_norm = total_norm * scale

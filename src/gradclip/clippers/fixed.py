@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gradclip._params import ParamsLike, check_threshold
 from gradclip.clippers.base import GlobalNormClipper, ParamGroup, State
+from gradclip.clippers.schedule import Schedule
 
 
 class NoClip(GlobalNormClipper):
@@ -53,12 +54,22 @@ class NormClip(GlobalNormClipper):
         max_norm: the threshold, > 0.
         norm_type: p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``.
+        schedule: a :class:`~gradclip.clippers.schedule.Schedule` applied to
+            ``max_norm`` at each step (e.g. ``Cosine(1000, 0.1)``), or None. It
+            is part of the clipper's state dict; per param group, as an option.
 
     Example:
         >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
         >>> stats = NormClip([w], max_norm=1.0).clip_()
         >>> w.grad, stats.total_norm, stats.clipped
         (tensor([0.6000, 0.8000]), tensor(5.), tensor(True))
+
+        With a schedule, the threshold warms up from 0.5 to 1.0 over two steps:
+
+        >>> from gradclip.clippers.schedule import LinearWarmup
+        >>> clipper = NormClip([w], max_norm=1.0, schedule=LinearWarmup(2, start_factor=0.5))
+        >>> [clipper.clip_().threshold.item() for _ in range(3)]
+        [0.5, 0.75, 1.0]
     """
 
     spec_name = "norm"
@@ -71,8 +82,14 @@ class NormClip(GlobalNormClipper):
         *,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
+        schedule: Schedule | None = None,
     ) -> None:
-        super().__init__(params, {"max_norm": max_norm}, norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            params,
+            {"max_norm": max_norm, "schedule": schedule},
+            norm_type=norm_type,
+            nonfinite=nonfinite,
+        )
 
     def _check_options(self, group: ParamGroup) -> None:
         group["max_norm"] = check_threshold(group["max_norm"], "max_norm", allow_zero=False)
