@@ -242,3 +242,22 @@ def test_normclip_properties(scale: float, max_norm: float, seed: int) -> None:
     ratio = stats.scale.item()
     for p, b in zip(params, before):
         torch.testing.assert_close(p.grad, b * ratio, rtol=1e-6, atol=1e-12)
+
+
+@given(
+    max_norm=st.floats(1e-3, 10.0),
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_normclip_and_functional_bit_identical_to_torch_at_any_threshold(
+    max_norm: float, scale: float, seed: int
+) -> None:
+    # Thresholds such as 0.1 are inexact in float32: a true division by a tensor
+    # threshold differs from torch's reciprocal-multiply by one ulp.
+    ours, functional, theirs = (params_with_grads(seed, scale) for _ in range(3))
+    NormClip(ours, max_norm=max_norm).clip_()
+    gradclip.clip_grad_norm_(functional, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    for a, b, c in zip(ours, functional, theirs):
+        assert torch.equal(a.grad, c.grad)
+        assert torch.equal(b.grad, c.grad)
