@@ -146,12 +146,16 @@ def clip_grads_with_norm_(
 def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     """``min(1, max_norm / (total_norm + 1e-6))`` as a tensor, exactly as torch computes it.
 
-    A NaN norm gives a NaN coefficient (torch's ``"ignore"`` behaviour).
+    A NaN norm gives a NaN coefficient (torch's ``"ignore"`` behaviour). torch
+    evaluates ``float / tensor`` as ``reciprocal(tensor) * float``; so does this, for
+    a float or a tensor ``max_norm`` alike, so strategies whose threshold is a tensor
+    stay bit-identical to ``torch.nn.utils.clip_grad_norm_`` (a true division can
+    differ by one ulp).
 
     >>> clip_coefficient(1.0, torch.tensor(4.0))
     tensor(0.2500)
     """
-    return torch.clamp(max_norm / (total_norm + NORM_EPS), max=1.0)
+    return torch.clamp((total_norm + NORM_EPS).reciprocal() * max_norm, max=1.0)
 
 
 def scale_grads_(grads: list[Tensor], scale: Tensor, *, foreach: bool | None = None) -> None:

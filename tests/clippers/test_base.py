@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import gradclip
 from gradclip import NoClip, NonFiniteGradientError, NormClip, ValueClip
 from sync_guard import no_host_sync
 
