@@ -1,0 +1,398 @@
+"""``AutoClip``: clip to a percentile of the gradient-norm history (Seetharaman et al., 2020).
+
+Each step appends the current global norm ``n_t`` to the history, takes the
+threshold ``η_t`` as the ``p``-th percentile of the history *including* ``n_t``, and
+clips to it (``p = 10`` is the paper's recommendation).
+
+Where this follows the paper (and its reference code, which keeps a Python list and
+calls ``numpy.percentile``):
+
+* the percentile is numpy's default ``"linear"`` interpolation (Hyndman & Fan's
+  method 7), the current norm is part of the history before the percentile is
+  taken, and the clip is torch's ``min(1, η / (n + 1e-6))``;
+* ``history="full"`` keeps every norm and reproduces the reference's thresholds
+  (to floating-point rounding of the interpolation).
+
+Where it deliberately differs, and why:
+
+* **Bounded cost.** The reference recomputes a percentile over the whole history:
+  O(t) per step and O(T²) per run, with a host round trip per step. Here all state
+  lives on the gradients' device and nothing is read on the host. The full history
+  is kept sorted (a binary search and one shift per step: O(t) memory traffic, no
+  sort); ``history="window"`` (the default) keeps the last ``window`` norms in a ring
+  buffer and costs O(window · log window) per step whatever the step count;
+  ``history="stream"`` approximates the full-history percentile with state of a
+  fixed size: a log-bucketed sketch of all norms seen (as in DDSketch, Masson et al.,
+  2019), which puts the threshold within a relative ``relative_accuracy`` (1 %) of
+  the exact full-history percentile for any norm sequence in float32's normal range,
+  at a fixed cost per step (a bucket increment, a cumulative sum over ~9k buckets, a
+  binary search). A P² marker tracker was tried first: with five markers its state
+  is smaller, but its update is ~130 scalar operations (kernel launches on a GPU) and
+  it has no error bound. The window is the default
+  because long runs should not pay a cost that grows with the step count, and
+  because a percentile of recent norms follows the drift of the gradient scale that
+  training produces; for the first ``window`` steps it equals the paper's rule.
+* **Non-finite norms are never recorded**: the reference appends them and
+  ``numpy.percentile`` then returns NaN on every later step. Here a NaN/inf step
+  leaves the state bit-identical (the step is still scaled by the non-finite norm
+  under ``nonfinite="ignore"``, as torch does).
+* **``p = 100`` is exactly no clipping** (threshold ``inf``). Taken literally, the
+  threshold would be the running maximum and torch's ``1e-6`` in the denominator
+  would shrink every new record norm by a factor ``n / (n + 1e-6)``.
+
+The PyPI package ``autoclip`` 0.2.1 (``QuantileClip``) differs from the paper: a
+quantile in [0, 1] with default 0.9, per-parameter thresholds unless
+``global_threshold=True``, a window of 1000 that *excludes* the current norm (its
+first step is unclipped), and NaN norms enter its history. ``include_current=False``
+gives its causal convention with a global norm.
+
+References:
+    Seetharaman, Wichern, Pardo, Le Roux. AutoClip: Adaptive Gradient Clipping for
+    Source Separation Networks. MLSP 2020, arXiv:2007.14469.
+
+    Masson, Rim, Lee. DDSketch: A Fast and Fully-Mergeable Quantile Sketch with
+    Relative-Error Guarantees. PVLDB 12(12), 2019, arXiv:1908.10693.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from numbers import Real
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from gradclip._params import ParamsLike
+from gradclip.clippers.base import GlobalNormClipper, ParamGroup, State
+
+HISTORY_MODES = ("full", "window", "stream")
+"""The ways to keep the norm history: every norm, the last ``window``, or a sketch."""
+
+_MIN_CAPACITY = 64
+"""The full history's first allocation; it doubles when full (amortised O(1) growth)."""
+
+_LOG_LOWEST = -126 * math.log(2.0)
+_LOG_HIGHEST = 128 * math.log(2.0)
+"""The stream sketch's buckets span float32's normal range of norms, [2^-126, 2^128]."""
+
+
+class AutoClip(GlobalNormClipper):
+    """Clip the global gradient norm to the ``percentile``-th percentile of its history.
+
+    Each step records the current norm, then clips to the percentile of the recorded
+    norms, the current one included (the paper's rule). With param groups, each group
+    keeps its own history of its own norm.
+
+    Args:
+        params: parameters, ``named_parameters()`` pairs, or param groups.
+        percentile: ``p`` in (0, 100]; 10 is the paper's choice. A percentile, not a
+            quantile: ``autoclip``'s ``QuantileClip(quantile=0.1)`` is ``percentile=10``.
+            ``100`` never clips.
+        history: ``"window"`` (default): the last ``window`` norms, exact percentile
+            (numpy's linear interpolation), O(window · log window) per step.
+            ``"full"``: every norm since the start, the paper's exact rule; memory and
+            per-step work grow linearly with the step count. ``"stream"``: the
+            full-history percentile within a relative ``relative_accuracy``, from a
+            sketch of fixed size (about 9k int64 counts at 1 %); norms below 2^-126
+            count as 2^-126 (exact zeros stay zeros), float64 norms above 2^128
+            as 2^128.
+        window: the number of recent norms kept by ``history="window"`` (>= 1).
+        relative_accuracy: the stream sketch's relative error α in [1e-4, 0.5]; it
+            holds ``ln(2^254) / ln((1 + α) / (1 - α))`` counts.
+        include_current: ``True`` (the paper): the current norm is in the history
+            the percentile is taken over. ``False``: only earlier norms count, and
+            the first step is not clipped (the convention of ``autoclip`` 0.2.1).
+        norm_type: the p of the norms, p > 0 or ``inf``.
+        nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``; non-finite norms are never
+            recorded, whatever the policy.
+
+    Raises:
+        ValueError: ``percentile`` outside (0, 100], ``window`` < 1,
+            ``relative_accuracy`` outside [1e-4, 0.5], or an unknown ``history``.
+        TypeError: an option of the wrong type (e.g. a float ``window``).
+
+    References:
+        Seetharaman, Wichern, Pardo, Le Roux. AutoClip: Adaptive Gradient Clipping
+        for Source Separation Networks. MLSP 2020, arXiv:2007.14469.
+
+        Masson, Rim, Lee. DDSketch: A Fast and Fully-Mergeable Quantile Sketch with
+        Relative-Error Guarantees. PVLDB 12(12), 2019, arXiv:1908.10693.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> clipper = AutoClip([w], percentile=50, history="full")
+        >>> for g in ([3.0, 4.0], [0.6, 0.8], [30.0, 40.0]):  # norms 5, 1, 50
+        ...     w.grad = torch.tensor(g)
+        ...     stats = clipper.clip_()
+        >>> stats.threshold  # the median of [5, 1, 50]
+        tensor(5.)
+        >>> w.grad.norm().round(decimals=4)
+        tensor(5.)
+    """
+
+    spec_name = "autoclip"
+    spec_positional = "percentile"
+    spec_aliases: ClassVar[Mapping[str, str]] = {"p": "percentile"}
+
+    def __init__(
+        self,
+        params: ParamsLike | Iterable[dict[str, Any]],
+        percentile: float = 10.0,
+        *,
+        history: str = "window",
+        window: int = 1000,
+        relative_accuracy: float = 0.01,
+        include_current: bool = True,
+        norm_type: float = 2.0,
+        nonfinite: str = "ignore",
+    ) -> None:
+        defaults = {
+            "percentile": percentile,
+            "history": history,
+            "window": window,
+            "relative_accuracy": relative_accuracy,
+            "include_current": include_current,
+        }
+        super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
+
+    # -- options and state ------------------------------------------------------------
+
+    def _check_options(self, group: ParamGroup) -> None:
+        p = group["percentile"]
+        if isinstance(p, bool) or not isinstance(p, Real):
+            raise TypeError(f"percentile must be a number in (0, 100]; got {p!r}")
+        if not 0.0 < float(p) <= 100.0:
+            raise ValueError(
+                f"percentile must be in (0, 100] (a percentile, not a quantile: 10 is the "
+                f"paper's choice, 100 never clips); got {p!r}"
+            )
+        group["percentile"] = float(p)
+        history = group["history"]
+        if history not in HISTORY_MODES:
+            raise ValueError(
+                f"history must be one of {', '.join(map(repr, HISTORY_MODES))}; got {history!r}"
+            )
+        window = group["window"]
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"window must be an int >= 1; got {window!r}")
+        if window < 1:
+            raise ValueError(f"window must be an int >= 1; got {window!r}")
+        accuracy = group["relative_accuracy"]
+        if isinstance(accuracy, bool) or not isinstance(accuracy, Real):
+            raise TypeError(f"relative_accuracy must be a number in [1e-4, 0.5]; got {accuracy!r}")
+        if not 1e-4 <= float(accuracy) <= 0.5:
+            raise ValueError(f"relative_accuracy must be in [1e-4, 0.5]; got {accuracy!r}")
+        group["relative_accuracy"] = float(accuracy)
+        if not isinstance(group["include_current"], bool):
+            raise TypeError(f"include_current must be a bool; got {group['include_current']!r}")
+
+    def _init_state(self, group: ParamGroup) -> State:
+        count = torch.zeros((), dtype=torch.int64)
+        if group["history"] == "full":
+            # Every finite norm so far, ascending, padded with +inf to the capacity.
+            return {"sorted_history": torch.full((0,), math.inf), "count": count}
+        if group["history"] == "window":
+            # The last `window` finite norms in arrival order, +inf where not yet filled;
+            # the next write goes to slot count % window.
+            return {"ring": torch.full((group["window"],), math.inf), "count": count}
+        # Norm counts per slot: slot 0 holds exact zeros, slot 1 + j the j-th bucket.
+        _, _, positive = _sketch_geometry(group["relative_accuracy"])
+        return {"sketch": torch.zeros(1 + positive, dtype=torch.int64), "count": count}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: the checkpoint was saved with another ``history`` mode or
+                ``window`` size, or does not match the groups (see the base class).
+        """
+        saved_options = state_dict.get("options") or [{}] * len(self.param_groups)
+        for index, (group, options, saved) in enumerate(
+            zip(self.param_groups, saved_options, state_dict["state"])
+        ):
+            mode = options.get("history", group["history"])
+            if mode != group["history"]:
+                raise ValueError(
+                    f"state_dict group {index} was saved with history={mode!r}; this "
+                    f"AutoClip has history={group['history']!r}"
+                )
+            mode = group["history"]
+            ring, sketch = saved.get("ring"), saved.get("sketch")
+            if mode == "window" and isinstance(ring, Tensor) and ring.shape != (group["window"],):
+                raise ValueError(
+                    f"state_dict group {index} was saved with window={ring.shape[0]}; "
+                    f"this AutoClip has window={group['window']}"
+                )
+            buckets = _sketch_geometry(group["relative_accuracy"])[2] + 1
+            if mode == "stream" and isinstance(sketch, Tensor) and sketch.numel() != buckets:
+                raise ValueError(
+                    f"state_dict group {index} was saved with relative_accuracy="
+                    f"{options.get('relative_accuracy', '?')} ({sketch.numel()} buckets); "
+                    f"this AutoClip has relative_accuracy={group['relative_accuracy']}"
+                )
+        super().load_state_dict(state_dict)
+
+    # -- the strategy -------------------------------------------------------------------
+
+    def _threshold(self, group: ParamGroup, state: State, total_norm: Tensor) -> Tensor:
+        """Record ``total_norm`` (if finite) and return the percentile of the history.
+
+        With ``include_current=False`` the percentile is taken before recording.
+        """
+        q = group["percentile"] / 100.0
+        norm = total_norm.detach()
+        finite = torch.isfinite(norm)
+        if not group["include_current"]:
+            before = self._percentile(group, state, norm.dtype)
+            self._record(group, state, norm, finite)
+            return _no_clip_at_100(before, q)
+        self._record(group, state, norm, finite)
+        return _no_clip_at_100(self._percentile(group, state, norm.dtype), q)
+
+    def _record(self, group: ParamGroup, state: State, norm: Tensor, finite: Tensor) -> None:
+        """Add ``norm`` to the history; a non-finite norm leaves the state bit-identical."""
+        mode = group["history"]
+        if mode == "full":
+            self._record_full(state, norm, finite)
+        elif mode == "window":
+            ring = _as_dtype(state, "ring", norm.dtype)
+            slot = torch.remainder(state["count"], ring.numel()).reshape(1)
+            kept = torch.where(finite, norm.to(ring.dtype), ring.index_select(0, slot)[0])
+            ring.index_copy_(0, slot, kept.reshape(1))
+        else:
+            sketch = state["sketch"]
+            safe = torch.where(finite, norm, 1.0)
+            slot = _sketch_slot(safe, group["relative_accuracy"])
+            sketch.index_add_(0, slot, finite.to(sketch.dtype).reshape(1))
+        state["count"] = state["count"] + finite.to(state["count"].dtype)
+
+    def _record_full(self, state: State, norm: Tensor, finite: Tensor) -> None:
+        # count <= self.step (only finite norms are recorded, at most one per step), so
+        # the host step counter bounds the length in use without reading the device.
+        history = _as_dtype(state, "sorted_history", norm.dtype)
+        used = self.step
+        if history.numel() < used:
+            capacity = max(used, 2 * history.numel(), _MIN_CAPACITY)
+            grown = torch.full((capacity,), math.inf, dtype=history.dtype, device=history.device)
+            grown[: history.numel()] = history
+            state["sorted_history"] = history = grown
+        prefix = history[:used]
+        # A non-finite norm is inserted as +inf: it lands at `count`, on top of the
+        # +inf padding, so the buffer does not change.
+        value = torch.where(finite, norm.to(history.dtype), math.inf)
+        slot = torch.searchsorted(prefix, value.reshape(1))
+        index = torch.arange(used, device=history.device)
+        shifted = torch.roll(prefix, 1)
+        prefix.copy_(torch.where(index < slot, prefix, torch.where(index == slot, value, shifted)))
+
+    def _percentile(self, group: ParamGroup, state: State, dtype: torch.dtype) -> Tensor:
+        """The percentile of the recorded norms (``inf`` if there are none)."""
+        q = group["percentile"] / 100.0
+        mode = group["history"]
+        count = state["count"]
+        if mode == "full":
+            history = state["sorted_history"]
+            used = min(self.step, history.numel())
+            if used == 0:
+                return torch.full((), math.inf, dtype=history.dtype, device=history.device)
+            return _percentile_of_sorted(history[:used], count, q)
+        if mode == "window":
+            ring = state["ring"]
+            window = torch.clamp(count, max=ring.numel())
+            return _percentile_of_sorted(torch.sort(ring).values, window, q)
+        return _sketch_percentile(state["sketch"], count, q, group["relative_accuracy"], dtype)
+
+
+# -- percentile helpers (device-side, no host reads) -----------------------------------
+
+
+def _rank_dtype(device: torch.device) -> torch.dtype:
+    """Ranks and positions in float64 (exact to 2**53 steps) where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_dtype(state: State, key: str, dtype: torch.dtype) -> Tensor:
+    """``state[key]`` in the norms' dtype (a fresh state is float32; float64 runs upcast)."""
+    if state[key].dtype != dtype:
+        state[key] = state[key].to(dtype)
+    tensor: Tensor = state[key]
+    return tensor
+
+
+def _no_clip_at_100(threshold: Tensor, q: float) -> Tensor:
+    return torch.full_like(threshold, math.inf) if q >= 1.0 else threshold
+
+
+def _percentile_of_sorted(values: Tensor, count: Tensor, q: float) -> Tensor:
+    """``numpy.percentile(values[:count], 100 q)`` (linear) for ascending ``values``.
+
+    ``count`` is a device tensor; entries past it are ignored (they are +inf). Returns
+    ``inf`` when ``count`` is 0.
+    """
+    rank_dtype = _rank_dtype(values.device)
+    last = torch.clamp(count - 1, min=0)
+    rank = last.to(rank_dtype) * q  # numpy's virtual index (n - 1) q
+    low = torch.floor(rank)
+    weight = (rank - low).to(values.dtype)
+    low_index = low.to(torch.int64).reshape(1)
+    high_index = torch.minimum(low_index + 1, last.reshape(1))
+    a = values.index_select(0, low_index)[0]
+    b = values.index_select(0, high_index)[0]
+    # torch.lerp is numpy's _lerp: a + (b - a) w below w = 0.5, b - (b - a)(1 - w) above.
+    result = torch.lerp(a, b, weight)
+    return torch.where(count > 0, result, math.inf)
+
+
+def _sketch_geometry(relative_accuracy: float) -> tuple[float, int, int]:
+    """``(ln γ, first bucket index, number of positive buckets)`` of the norm sketch.
+
+    Bucket ``i`` holds the norms in ``(γ^(i-1), γ^i]`` with ``γ = (1 + α) / (1 - α)``;
+    buckets cover float32's normal range ``[2^-126, 2^128]``.
+    """
+    log_gamma = math.log((1.0 + relative_accuracy) / (1.0 - relative_accuracy))
+    first = math.ceil(_LOG_LOWEST / log_gamma)
+    last = math.ceil(_LOG_HIGHEST / log_gamma)
+    return log_gamma, first, last - first + 1
+
+
+def _sketch_slot(norm: Tensor, relative_accuracy: float) -> Tensor:
+    """The slot of a finite norm: 0 for exactly 0, else 1 + its bucket (clamped to range)."""
+    log_gamma, first, positive = _sketch_geometry(relative_accuracy)
+    x = norm.to(_rank_dtype(norm.device))
+    bucket = torch.ceil(torch.log(x) / log_gamma)  # -inf for 0, handled below
+    slot = 1 + torch.clamp(bucket - first, 0, positive - 1).to(torch.int64)
+    return torch.where(x > 0, slot, 0).reshape(1)
+
+
+def _sketch_values(slot: Tensor, relative_accuracy: float, dtype: torch.dtype) -> Tensor:
+    """Each slot's representative norm ``2 γ^i / (γ + 1)``: within α of every norm in it."""
+    log_gamma, first, _ = _sketch_geometry(relative_accuracy)
+    bucket = (slot - 1 + first).to(_rank_dtype(slot.device))
+    value = torch.exp(bucket * log_gamma) * (1.0 - relative_accuracy)  # 2 / (γ + 1) = 1 - α
+    value = torch.clamp(value, max=torch.finfo(dtype).max)
+    return torch.where(slot > 0, value, 0.0).to(dtype)
+
+
+def _sketch_percentile(
+    counts: Tensor, total: Tensor, quantile: float, relative_accuracy: float, dtype: torch.dtype
+) -> Tensor:
+    """The linear percentile (numpy's) with each order statistic read from the sketch.
+
+    The two order statistics around numpy's virtual index are replaced by their
+    buckets' representatives, each within a relative α of the true value, so their
+    interpolation is within α of the exact percentile. ``inf`` when ``total`` is 0.
+    """
+    rank_dtype = _rank_dtype(counts.device)
+    last = torch.clamp(total - 1, min=0)
+    rank = last.to(rank_dtype) * quantile
+    low = torch.floor(rank)
+    weight = (rank - low).to(dtype)
+    # The k-th smallest norm (1-based) lies in the first slot whose running count >= k.
+    wanted = low.to(torch.int64) + torch.stack([torch.ones_like(last), torch.full_like(last, 2)])
+    wanted = torch.minimum(wanted, torch.clamp(total, min=1))
+    slots = torch.searchsorted(torch.cumsum(counts, 0), wanted)
+    slots = torch.clamp(slots, max=counts.numel() - 1)
+    a, b = _sketch_values(slots, relative_accuracy, dtype).unbind()
+    return torch.where(total > 0, torch.lerp(a, b, weight), math.inf)
