@@ -16,6 +16,7 @@ Example:
 from gradclip.clippers import (
     AGC,
     AdaGC,
+    AutoClip,
     Chain,
     Clipper,
     ClipStats,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AGC",
     "AdaGC",
+    "AutoClip",
     "Chain",
     "ClipStats",
     "Clipper",

@@ -5,6 +5,7 @@ Importing this package registers every strategy for :func:`gradclip.from_spec`.
 
 from gradclip.clippers.adagc import AdaGC
 from gradclip.clippers.agc import AGC, final_classifier_names
+from gradclip.clippers.autoclip import AutoClip
 from gradclip.clippers.base import Clipper, GlobalNormClipper, GroupResult
 from gradclip.clippers.compose import Chain, chain
 from gradclip.clippers.emaratio import EMARatio
@@ -17,6 +18,7 @@ from gradclip.clippers.zclip import ZClip
 __all__ = [
     "AGC",
     "AdaGC",
+    "AutoClip",
     "Chain",
     "ClipStats",
     "Clipper",
