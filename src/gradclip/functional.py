@@ -41,6 +41,7 @@ from gradclip.norms import (
     globalize_norms,
     is_dtensor,
     local_tensor,
+    local_views,
     tensor_norms,
     total_norm_of,
 )
@@ -165,7 +166,7 @@ def scale_grads_(grads: list[Tensor], scale: Tensor, *, foreach: bool | None = N
     """
     if _sync.branch_on_host([scale, *grads]) and bool(scale == 1.0):
         return
-    foreach_mul_(grads, scale, foreach=foreach)
+    foreach_mul_(local_views(grads), scale, foreach=foreach)
 
 
 @torch.no_grad()
@@ -193,7 +194,8 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    clamp_grads_(collect_grads(parameters).grads, clip_value, foreach=foreach)
+    grads = local_views(collect_grads(parameters).grads, linear=False)
+    clamp_grads_(grads, clip_value, foreach=foreach)
 
 
 def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None = None) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from gradclip._params import GradList
 from gradclip._sync import branch_on_host
+from gradclip.norms import local_views
 
 __all__ = ["NonFiniteGradientError", "NonFinitePolicy", "check_policy"]
 
@@ -85,6 +86,7 @@ def zero_if_nonfinite_(grads: list[Tensor], total_norm: Tensor) -> None:
     On CPU the branch is taken on the host (no device to wait for); elsewhere a
     branch-free masked fill keeps the step free of host syncs.
     """
+    grads = local_views(grads)
     nonfinite = ~torch.isfinite(total_norm)
     if branch_on_host([total_norm, *grads]):
         if bool(nonfinite):

@@ -120,6 +120,29 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return dt.to_local()
 
 
+def local_views(tensors: list[Tensor], *, linear: bool = True) -> list[Tensor]:
+    """``tensors`` with DTensors replaced by their local shards, for in-place elementwise ops.
+
+    A shard shares its DTensor's storage, so in-place changes reach the DTensor. Fused
+    in-place ops reject a list mixing DTensors and plain tensors (or a plain scale).
+    ``linear`` ops (scaling, zeroing) may run on the summands of a Partial DTensor;
+    otherwise (clamping) Partial DTensors are left as they are.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not any(isinstance(t, module.DTensor) for t in tensors):
+        return tensors
+
+    def local(t: Tensor) -> Tensor:
+        if isinstance(t, module.DTensor) and (
+            linear or not any(pl.is_partial() for pl in t.placements)
+        ):
+            shard: Tensor = t.to_local()
+            return shard
+        return t
+
+    return [local(t) for t in tensors]
+
+
 def globalize_norms(tensors: Sequence[Tensor], local_norms: Tensor, norm_type: float) -> Tensor:
     """Turn norms of local shards into global norms, for the DTensors among ``tensors``.
 
