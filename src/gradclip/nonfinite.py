@@ -12,11 +12,23 @@ Policies for the functional API:
   decays, Adam's step count grows); skipping the step altogether is the ``"skip"``
   policy of :func:`gradclip.attach`. On CPU this costs nothing when gradients are
   finite; on accelerators it is one extra branch-free pass over the gradients.
+
+One more policy needs the optimizer, so only :func:`gradclip.integrations.optim.attach`
+takes it (the functional API and the clippers reject it with a message saying so):
+
+* ``"skip"``: the optimizer step does not happen. Parameters and optimizer state
+  (moments, step counters) stay bit-identical to a run without that batch. A fused
+  torch optimizer (``fused=True``) is told through its ``found_inf`` tensor, as
+  ``torch.amp.GradScaler`` does, and skips inside its kernel: no host sync
+  (:func:`skip_found_inf`). Any other optimizer needs the decision on the host (one
+  sync per step); its step is then made a no-op by hiding the gradients
+  (:func:`hide_grads_`, undone by :func:`restore_grads_` after the step).
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Iterable
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -25,12 +37,23 @@ from gradclip._params import GradList
 from gradclip._sync import branch_on_host
 from gradclip.norms import local_views
 
-__all__ = ["NonFiniteGradientError", "NonFinitePolicy", "check_policy"]
+__all__ = [
+    "NonFiniteGradientError",
+    "NonFinitePolicy",
+    "StepPolicy",
+    "check_policy",
+    "check_step_policy",
+]
 
 NonFinitePolicy = Literal["ignore", "raise", "zero"]
 """The non-finite policies of the functional API."""
 
 POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
+
+StepPolicy = Literal["ignore", "raise", "zero", "skip"]
+"""The non-finite policies of :func:`gradclip.integrations.optim.attach`: ``"skip"`` too."""
+
+STEP_POLICIES: tuple[str, ...] = get_args(StepPolicy)
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -58,8 +81,15 @@ def check_policy(policy: object, *, error_if_nonfinite: bool = False) -> NonFini
     'raise'
 
     Raises:
-        ValueError: an unknown policy, or ``error_if_nonfinite`` with ``"zero"``.
+        ValueError: an unknown policy (``"skip"`` included: only ``attach`` can skip an
+            optimizer step), or ``error_if_nonfinite`` with ``"zero"``.
     """
+    if policy == "skip":
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(POLICIES)}; got 'skip': skipping the "
+            "optimizer step needs the optimizer, so only gradclip.attach(optimizer, "
+            "clipper, nonfinite='skip') offers it"
+        )
     if policy not in POLICIES:
         raise ValueError(f"nonfinite must be one of {', '.join(POLICIES)}; got {policy!r}")
     if error_if_nonfinite:
@@ -94,3 +124,56 @@ def zero_if_nonfinite_(grads: list[Tensor], total_norm: Tensor) -> None:
         return
     for g in grads:
         g.masked_fill_(nonfinite.to(g.device), 0.0)
+
+
+def check_step_policy(policy: object) -> StepPolicy:
+    """Validate the policy of an optimizer integration: a functional one or ``"skip"``.
+
+    >>> check_step_policy("skip")
+    'skip'
+
+    Raises:
+        ValueError: an unknown policy, naming it and the valid ones.
+    """
+    if policy not in STEP_POLICIES:
+        raise ValueError(f"nonfinite must be one of {', '.join(STEP_POLICIES)}; got {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+def skip_found_inf(finite: Tensor, found_inf: Tensor | None = None) -> Tensor:
+    """The ``found_inf`` of a fused optimizer step under ``"skip"``: 1.0 skips it, 0.0 not.
+
+    1.0 when the clip saw a non-finite norm (``finite`` is False) or ``found_inf``
+    (a ``GradScaler``'s, if any) is already set. Torch's fused kernels skip the update
+    when ``found_inf == 1`` and subtract ``found_inf`` from their step counters, so
+    the result is exactly 0 or 1. A float32 0-d tensor on ``finite``'s device; no
+    host sync.
+
+    >>> skip_found_inf(torch.tensor(False)), skip_found_inf(torch.tensor(True))
+    (tensor(1.), tensor(0.))
+    """
+    bad = (~finite).to(torch.float32)
+    if found_inf is None:
+        return bad
+    return torch.clamp(found_inf.to(bad.device, torch.float32) + bad, max=1.0)
+
+
+def hide_grads_(params: Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Skip a step on the host: set every ``.grad`` to None, so ``step()`` touches nothing.
+
+    Torch optimizers update only parameters that have a gradient (their state,
+    step counters included, stays as it is), so with every gradient hidden a step
+    is a no-op. Returns what :func:`restore_grads_` puts back after the step.
+    """
+    hidden: list[tuple[Tensor, Tensor]] = []
+    for p in params:
+        if p.grad is not None:
+            hidden.append((p, p.grad))
+            p.grad = None
+    return hidden
+
+
+def restore_grads_(hidden: Iterable[tuple[Any, Tensor]]) -> None:
+    """Give back the gradients :func:`hide_grads_` took."""
+    for p, grad in hidden:
+        p.grad = grad

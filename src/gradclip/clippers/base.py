@@ -25,7 +25,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -52,11 +52,14 @@ class GroupResult:
         threshold: the largest group norm let through unchanged (``inf``: no clipping).
         clipped_norm: the group's norm after clipping.
         clipped: whether any gradient of the group was scaled down.
+        scale: the one factor every gradient of the group is multiplied by, for
+            strategies that have one (:class:`GlobalNormClipper`); None otherwise.
     """
 
     threshold: Tensor
     clipped_norm: Tensor
     clipped: Tensor
+    scale: Tensor | None = None
 
 
 _REGISTRY: dict[str, type[Clipper]] = {}
@@ -129,6 +132,10 @@ class Clipper:
         """Clip ``grads`` in place given their pre-clip ``norms``, update ``state``."""
         raise NotImplementedError
 
+    def _measure_group(self, group: ParamGroup, state: State, norms: Tensor) -> GroupResult:
+        """Like ``_clip_group`` without touching gradients; only :attr:`foldable` clippers."""
+        raise NotImplementedError
+
     # -- the shared machinery ------------------------------------------------------
 
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -167,6 +174,50 @@ class Clipper:
             NonFiniteGradientError: policy ``"raise"`` and a gradient is not finite
                 (nothing is modified and the state is untouched).
         """
+        return self._run(apply=True)
+
+    @property
+    def foldable(self) -> bool:
+        """Whether :meth:`measure_` works: one factor scales every bound gradient."""
+        return False
+
+    @torch.no_grad()
+    def measure_(self, *, grad_scale: Tensor | None = None) -> ClipStats:
+        """Do what :meth:`clip_` does (state update, step count) but leave the gradients alone.
+
+        The caller applies ``stats.scale`` itself, e.g. folds it into a fused optimizer
+        step (:func:`gradclip.integrations.optim.attach`), saving a pass over the
+        gradients. Only for :attr:`foldable` clippers (a :class:`GlobalNormClipper`
+        with one parameter group); ``stats.scale`` is then exactly the factor
+        :meth:`clip_` would have multiplied the gradients by.
+
+        Args:
+            grad_scale: the factor the gradients are currently multiplied by (an AMP
+                loss scale), or None. Norms are divided by it, so the strategy sees
+                the unscaled gradients; the caller divides the gradients by it too.
+
+        Raises:
+            ValueError: the clipper is not :attr:`foldable`, or its non-finite policy
+                is ``"zero"`` (that policy writes the gradients).
+            NonFiniteGradientError: policy ``"raise"`` and a gradient is not finite.
+
+        Example:
+            >>> from gradclip.clippers.fixed import NormClip
+            >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+            >>> NormClip([w], max_norm=1.0).measure_().scale, w.grad
+            (tensor(0.2000), tensor([3., 4.]))
+        """
+        if not self.foldable:
+            raise ValueError(
+                f"{type(self).__name__} with {len(self.param_groups)} parameter group(s) "
+                "cannot measure without clipping: measure_() needs one factor for all "
+                "gradients (a GlobalNormClipper with one parameter group)"
+            )
+        if self.nonfinite == "zero":
+            raise ValueError("measure_() does not write gradients; nonfinite='zero' must")
+        return self._run(apply=False, grad_scale=grad_scale)
+
+    def _run(self, *, apply: bool, grad_scale: Tensor | None = None) -> ClipStats:
         grouped = [_grads_of(g) for g in self.param_groups]
         every = [g for grads in grouped for g in grads]
         if not every:
@@ -174,6 +225,8 @@ class Clipper:
             return self._empty_stats()
         p = self.norm_type
         norms = tensor_norms(every, p)
+        if grad_scale is not None:
+            norms = norms / grad_scale.to(norms.device, norms.dtype)
         total_norm = total_norm_of(norms, p)
         if self.nonfinite == "raise":
             raise_if_nonfinite(self._named_grads(), norms, total_norm)
@@ -186,7 +239,10 @@ class Clipper:
             _to_device(state, norms.device)
             group_norms = norms[offset : offset + len(grads)]
             offset += len(grads)
-            results.append(self._clip_group(group, state, grads, group_norms))
+            if apply:
+                results.append(self._clip_group(group, state, grads, group_norms))
+            else:
+                results.append(self._measure_group(group, state, group_norms))
         if len(results) == 1:
             threshold, clipped_norm = results[0].threshold, results[0].clipped_norm
         else:
@@ -198,6 +254,8 @@ class Clipper:
             zero_if_nonfinite_(every, total_norm)
             clipped_norm = torch.where(finite, clipped_norm, 0.0)
         scale = torch.where(total_norm > 0, clipped_norm / total_norm, 1.0)
+        if not apply and results[0].scale is not None:
+            scale = results[0].scale.to(total_norm.dtype)
         return ClipStats(
             total_norm=total_norm,
             threshold=threshold.to(total_norm.dtype),
@@ -362,6 +420,15 @@ class GlobalNormClipper(Clipper):
         sizes = ", ".join(str(len(g["params"])) for g in self.param_groups)
         return f"{type(self).__name__}({options}; params per group: [{sizes}])"
 
+    @property
+    def foldable(self) -> bool:
+        """One parameter group and the base's scaling: :meth:`measure_` can work."""
+        return (
+            len(self.param_groups) == 1
+            and type(self)._clip_group is GlobalNormClipper._clip_group
+            and type(self)._measure_group is GlobalNormClipper._measure_group
+        )
+
     def _threshold(self, group: ParamGroup, state: State, total_norm: Tensor) -> Tensor:
         """This step's threshold (a 0-d tensor; ``inf`` to leave the gradients alone)."""
         raise NotImplementedError
@@ -374,13 +441,18 @@ class GlobalNormClipper(Clipper):
     def _clip_group(
         self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
     ) -> GroupResult:
+        result = self._measure_group(group, state, norms)
+        scale_grads_(grads, cast(Tensor, result.scale))  # always set by _measure_group
+        return result
+
+    def _measure_group(self, group: ParamGroup, state: State, norms: Tensor) -> GroupResult:
+        """The group's threshold and scale and the state update, without touching gradients."""
         total_norm = total_norm_of(norms, self.norm_type)
         threshold = self._scheduled(group, self._threshold(group, state, total_norm), total_norm)
         scale = clip_coefficient(threshold, total_norm)
-        scale_grads_(grads, scale)
         clipped_norm = total_norm * scale
         self._update(group, state, total_norm, clipped_norm)
-        return GroupResult(threshold, clipped_norm, scale < 1.0)
+        return GroupResult(threshold, clipped_norm, scale < 1.0, scale)
 
 
 def registry() -> dict[str, type[Clipper]]:
