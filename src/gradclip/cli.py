@@ -1,7 +1,9 @@
 """The ``gradclip`` command line.
 
-``gradclip demo`` trains the tutorial's LSTM on noisy sine waves in a stable and an
-unstable setting, with and without clipping, and prints what clipping changed.
+``gradclip demo`` compares clipping strategies on the tutorial's LSTM in a stable and
+an unstable setting and writes a report; ``gradclip compare`` does the same for any
+tasks, strategies and seeds; ``gradclip sweep`` trains the learning-rate × threshold
+grid on the regression task (see :mod:`gradclip.experiments.commands`).
 
 ``gradclip report LOG`` turns a monitor's CSV/JSONL log into PNG plots and prints a
 summary; ``gradclip suggest LOG`` prints candidate clipping thresholds and draws
@@ -12,12 +14,11 @@ error and exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradclip.experiments.lstm_sine import CLASSIC, UNSTABLE, RunResult, train
+from gradclip.experiments.commands import UsageError, add_commands, dispatch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,14 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="gradclip", description="Gradient clipping you can trust and measure."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser("demo", help="LSTM on noisy sine waves, with and without clipping")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument(
-        "--max-norm", type=float, default=1.0, help="clipping threshold (default 1.0)"
-    )
-    demo.add_argument(
-        "--epochs", type=int, default=None, help="epochs per run (default: the setting's, 10)"
-    )
+    add_commands(commands)
     report = commands.add_parser("report", help="plots and a summary of a monitor's log file")
     report.add_argument("logfile", type=Path, help="a CSV or JSONL log written by GradMonitor")
     report.add_argument(
@@ -56,55 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fractions", type=float, nargs="+", default=[0.05], metavar="F",
         help="fractions of steps to clip, in (0, 1) (default 0.05)",
     )  # fmt: skip
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command in ("report", "suggest"):
-        try:
-            if args.command == "report":
-                return _report(args.logfile, args.out)
+    try:
+        if args.command == "report":
+            return _report(args.logfile, args.out)
+        if args.command == "suggest":
             return _suggest(args)
-        except (ValueError, OSError, ImportError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"gradclip {args.command}: error: {message}", file=sys.stderr)
-            return 2
-    if args.command == "demo":
-        if not (args.max_norm > 0 and math.isfinite(args.max_norm)):
-            parser.error(f"--max-norm must be a finite number > 0; got {args.max_norm}")
-        if args.epochs is not None and args.epochs < 1:
-            parser.error(f"--epochs must be >= 1; got {args.epochs}")
-        return _demo(args.seed, args.max_norm, args.epochs)
-    return 2  # pragma: no cover - argparse enforces the choices
-
-
-def _demo(seed: int, max_norm: float, epochs: int | None) -> int:
-    from dataclasses import replace
-
-    results: list[RunResult] = []
-    for setting in (CLASSIC, UNSTABLE):
-        if epochs is not None:
-            setting = replace(setting, epochs=epochs)
-        print(
-            f"\n== {setting.name}: {setting.optimizer} lr {setting.lr}, "
-            f"sequence {setting.seq_len}, batch {setting.batch_size} =="
-        )
-        print(f"{'clip':>10} {'epoch':>5} {'loss':>12} {'grad norm':>12} {'clipped':>8}")
-        for clip in (None, max_norm):
-            result = train(setting, clip, seed=seed, on_epoch=_print_epoch)
-            results.append(result)
-            if result.diverged_at_step is not None:
-                print(
-                    f"{result.clip:>10} diverged: non-finite loss at step {result.diverged_at_step}"
-                )
-    print("\n== summary ==")
-    for result in results:
-        last = result.epochs[-1]
-        status = (
-            f"diverged at step {result.diverged_at_step}"
-            if result.diverged_at_step is not None
-            else f"final loss {last.loss:.4f}"
-        )
-        print(f"{result.setting:>9} {result.clip:>9}: {status}")
-    sys.stdout.flush()
-    return 0
+        code = dispatch(args, argv)
+    except UsageError as error:
+        parser.error(str(error))  # one line, exit code 2
+    except (ValueError, OSError, ImportError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"gradclip {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 2 if code is None else code
 
 
 def _report(logfile: Path, out: Path | None) -> int:
@@ -140,14 +100,6 @@ def _suggest(args: argparse.Namespace) -> int:
         print(candidate)
     print(f"wrote: {path}")
     return 0
-
-
-def _print_epoch(result: RunResult) -> None:
-    e = result.epochs[-1]
-    print(
-        f"{result.clip:>10} {e.epoch:>5} {e.loss:>12.5g} {e.grad_norm:>12.5g} {e.clip_rate:>8.0%}"
-    )
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ shows that diagonal, and where clipping lets a larger learning rate train.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -195,6 +197,84 @@ def sweep(
         return []
     by_point = {(p.lr, p.threshold): p for share in gathered if share for p in share}
     return [by_point[point] for point in points]
+
+
+SWEEP_COLUMNS = (
+    "lr", "threshold", "final_loss", "clean_mse", "weight_error", "clip_rate", "diverged",
+)  # fmt: skip
+"""The columns of ``sweep.csv``, one row per grid point (threshold ``inf``: unclipped)."""
+
+
+def write_sweep(points: list[SweepPoint], path: Path) -> Path:
+    """Write the grid to ``path`` as CSV (:data:`SWEEP_COLUMNS`)."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(SWEEP_COLUMNS)
+        for p in points:
+            writer.writerow(
+                [
+                    repr(getattr(p, c)) if isinstance(getattr(p, c), float) else int(getattr(p, c))
+                    for c in SWEEP_COLUMNS
+                ]
+            )
+    return path
+
+
+def plot_sweep(points: list[SweepPoint], path: Path, *, command: str = "") -> Path:
+    """Heatmap of the clean MSE over learning rate (rows) × threshold (columns).
+
+    Diverged cells are marked with a cross; the cell annotations give the clean MSE.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    lrs = sorted({p.lr for p in points})
+    thresholds = sorted({p.threshold for p in points})
+    grid = {(p.lr, p.threshold): p for p in points}
+    values = [[math.nan] * len(thresholds) for _ in lrs]
+    finite = [p.clean_mse for p in points if not p.diverged and p.clean_mse > 0]
+    for i, lr in enumerate(lrs):
+        for j, c in enumerate(thresholds):
+            point = grid.get((lr, c))
+            if point is not None and not point.diverged:
+                values[i][j] = point.clean_mse
+    fig, ax = plt.subplots(figsize=(1.1 * len(thresholds) + 3, 0.6 * len(lrs) + 2))
+    norm = LogNorm(vmin=min(finite), vmax=max(finite)) if finite else None
+    image = ax.imshow(values, cmap="viridis_r", norm=norm, aspect="auto", origin="lower")
+    for i, lr in enumerate(lrs):
+        for j, c in enumerate(thresholds):
+            point = grid.get((lr, c))
+            if point is None:
+                continue
+            text = "×" if point.diverged else f"{point.clean_mse:.2g}"
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if point.diverged else "white",
+            )
+    ax.set_xticks(
+        range(len(thresholds)),
+        ["none" if math.isinf(c) else f"{c:g}" for c in thresholds],
+        rotation=45,
+    )
+    ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_xlabel("clipping threshold")
+    ax.set_ylabel("learning rate")
+    ax.set_title("final clean MSE (× = diverged)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="clean MSE")
+    if command:
+        fig.text(0.01, 0.01, command, fontsize=6, color="#666")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _loss(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor) -> Tensor:
