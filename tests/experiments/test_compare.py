@@ -65,9 +65,7 @@ def test_divergence_is_reported_while_the_others_finish(study) -> None:  # type:
 
 
 def test_same_seed_identical_results_csv(study, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    again = compare(
-        ["lstm-sine-unstable"], CLIPS, seeds=2, options=TaskOptions(max_steps=40), out=tmp_path
-    )
+    compare(["lstm-sine-unstable"], CLIPS, seeds=2, options=TaskOptions(max_steps=40), out=tmp_path)
     assert (tmp_path / "results.csv").read_bytes() == (study.out / "results.csv").read_bytes()
 
 
