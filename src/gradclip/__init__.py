@@ -1,7 +1,8 @@
 """gradclip: gradient clipping for PyTorch that you can trust and measure.
 
 Drop-in replacements for ``torch.nn.utils`` clipping (same signatures, same results),
-unit-wise AGC, stateful adaptive strategies, and the norms they are built on, all
+unit-wise AGC, stateful adaptive strategies (AutoClip, ZClip, AdaGC, EMA-ratio,
+schedules), gradient-norm monitoring, and ``attach`` for existing training loops, all
 free of host syncs on the hot path.
 
 Example:
@@ -40,9 +41,13 @@ from gradclip.functional import (
     clip_grad_value_,
     clip_grads_with_norm_,
 )
+from gradclip.integrations.optim import ClipHandle, attach, clipping
+from gradclip.monitor import GradMonitor
 from gradclip.nonfinite import NonFiniteGradientError, NonFinitePolicy
 from gradclip.norms import get_total_norm, grad_norm, tensor_norms
 from gradclip.spec import from_spec
+from gradclip.suggest import ThresholdCandidate, suggest_threshold
+from gradclip.writers import CallbackWriter, CSVWriter, JSONLWriter, TensorBoardWriter, read_log
 
 __version__ = "0.1.0"
 
@@ -50,13 +55,18 @@ __all__ = [
     "AGC",
     "AdaGC",
     "AutoClip",
+    "CSVWriter",
+    "CallbackWriter",
     "Chain",
+    "ClipHandle",
     "ClipStats",
     "Clipper",
     "Constant",
     "Cosine",
     "EMARatio",
     "GlobalNormClipper",
+    "GradMonitor",
+    "JSONLWriter",
     "LinearWarmup",
     "NoClip",
     "NonFiniteGradientError",
@@ -64,17 +74,23 @@ __all__ = [
     "NormClip",
     "RelaxOnCalm",
     "Schedule",
+    "TensorBoardWriter",
+    "ThresholdCandidate",
     "ValueClip",
     "ZClip",
     "__version__",
+    "attach",
     "chain",
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "clipping",
     "final_classifier_names",
     "from_spec",
     "get_total_norm",
     "grad_norm",
+    "read_log",
+    "suggest_threshold",
     "tensor_norms",
 ]
