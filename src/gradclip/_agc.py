@@ -8,16 +8,25 @@ several passes per parameter. Reference: Brock et al. 2021, arXiv:2102.06171.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from gradclip._foreach import group_tensors
 from gradclip.norms import accumulation_dtype
 
 STACK_MAX_NUMEL = 1 << 16
 """Same-shaped tensors up to this many elements are stacked and processed together."""
+
+STACK_CHUNK_NUMEL = (1 << 15) - 1
+"""Tensors up to half this size are stacked and reduced in chunks of at most this many
+elements: below torch's parallel grain size (32768) the kernels run serially. A parallel
+region wakes a second thread for microseconds of work, and on a busy machine waiting
+for it costs milliseconds. Each unit's norm is reduced serially either way, so the
+chunking does not change any result."""
 
 GRAD_NORM_FLOOR = 1e-6
 """The floor on ‖G_i‖ in the division, as in the paper's reference code."""
@@ -56,21 +65,30 @@ def unit_clip_factors(
         clip_factor: λ, the largest allowed ‖G_i‖ / max(‖W_i‖, eps).
         eps: the floor on weight norms.
     """
-    groups: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], list[int]] = {}
-    for k, g in enumerate(grads):
-        groups.setdefault((g.device, g.dtype, tuple(g.shape)), []).append(k)
+    groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
+    for (device, dtype), (members, index) in group_tensors(grads).items():
+        shapes = list(map(_SHAPE, members))
+        if shapes.count(shapes[0]) == len(shapes):  # one shape: no Python loop
+            groups[(device, dtype, shapes[0])] = index
+            continue
+        for k, shape in zip(index, shapes):
+            groups.setdefault((device, dtype, shape), []).append(k)
     out: list[UnitFactors] = []
     for (_, dtype, shape), index in groups.items():
         accum = accumulation_dtype(dtype)
         if len(index) > 1 and torch.Size(shape).numel() <= STACK_MAX_NUMEL:
-            w = torch.stack([params[k] for k in index])
-            g = torch.stack([grads[k] for k in index])
+            ws = [params[k] for k in index]
+            gs = [grads[k] for k in index]
             # Dim 0 stacks the tensors; units are rows of matrices, whole vectors, and
             # for 0-d tensors each stacked element.
-            dims = tuple(range(2, g.ndim)) if len(shape) > 1 else (1,) if shape else None
-            factors, g_norm, bounds = _factor(
-                w, g, dims, clip_factor, eps, accum, elementwise=not shape
-            )
+            if shape:
+                dims = tuple(range(2, len(shape) + 1)) if len(shape) > 1 else (1,)
+                w_norm = _stacked_unit_norms(ws, dims, accum)
+                g_norm = _stacked_unit_norms(gs, dims, accum)
+            else:
+                w_norm = torch.stack(ws).abs().to(accum)
+                g_norm = torch.stack(gs).abs().to(accum)
+            factors, g_norm, bounds = _factor_from_norms(w_norm, g_norm, clip_factor, eps)
             squares = g_norm.square().reshape(len(index), -1).sum(1)
             out.append(UnitFactors(index, factors, squares, g_norm, bounds))
         else:
@@ -107,6 +125,30 @@ def _factor(
     else:
         w_norm = torch.linalg.vector_norm(w, 2, dim=dims, keepdim=True, dtype=accum)
         g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=accum)
+    return _factor_from_norms(w_norm, g_norm, clip_factor, eps)
+
+
+def _factor_from_norms(
+    w_norm: Tensor, g_norm: Tensor, clip_factor: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_factor` given the unit norms of W and G."""
     max_norm = w_norm.clamp_min(eps).mul_(clip_factor)
     factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
     return factor, g_norm, max_norm
+
+
+def _stacked_unit_norms(tensors: list[Tensor], dims: tuple[int, ...], accum: torch.dtype) -> Tensor:
+    """Unit norms of same-shaped tensors, stacked along a new dim 0 (keepdim)."""
+    per_chunk = STACK_CHUNK_NUMEL // max(1, tensors[0].numel())
+    if per_chunk < 2:  # large tensors: one stack (its rows still reduce serially)
+        per_chunk = len(tensors)
+    norms = [
+        torch.linalg.vector_norm(
+            torch.stack(tensors[start : start + per_chunk]), 2, dim=dims, keepdim=True, dtype=accum
+        )
+        for start in range(0, len(tensors), per_chunk)
+    ]
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+_SHAPE = operator.attrgetter("shape")

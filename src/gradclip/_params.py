@@ -8,9 +8,11 @@ messages useful. Validation happens here, before anything is modified.
 from __future__ import annotations
 
 import math
+import operator
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TypeAlias
 
 import torch
@@ -82,9 +84,19 @@ def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -
     params: list[Tensor] = []
     positions: list[int] = []
     given_names: dict[int, str] = {}
-    if all(isinstance(item, Tensor) for item in items):  # the common case, kept fast
-        positions = [i for i, p in enumerate(items) if p.grad is not None]  # type: ignore[union-attr]
-        params = [items[i] for i in positions]  # type: ignore[misc]
+    grads: list[Tensor]
+    # The common case, kept fast: C-level passes (map) instead of per-item Python code,
+    # which with hundreds of small gradients would cost as much as the clipping kernels.
+    if all(issubclass(t, Tensor) for t in set(map(type, items))):
+        found: list[Tensor | None] = list(map(_GRAD, items))
+        if any(map(operator.is_, found, repeat(None))):
+            positions = [i for i, g in enumerate(found) if g is not None]
+            params = [items[i] for i in positions]  # type: ignore[misc]
+            grads = [found[i] for i in positions]  # type: ignore[misc]
+        else:
+            positions = list(range(len(items)))
+            params = items  # type: ignore[assignment]
+            grads = found  # type: ignore[assignment]
     else:
         for index, item in enumerate(items):
             name, param = _split_item(item, index)
@@ -92,16 +104,21 @@ def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -
                 given_names[len(params)] = name
                 params.append(param)
                 positions.append(index)
-    grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        grads = [p.grad for p in params]  # type: ignore[misc]
     result = GradList(params, grads, positions, given_names)
-    for k, grad in enumerate(grads):
-        if grad.layout is not torch.strided:
-            raise TypeError(
-                f"gradient of {result.name(k)} has layout {grad.layout}; gradclip supports "
-                "dense (torch.strided) gradients only. Densify it with grad.to_dense() or "
-                "use a dense embedding (sparse=False)"
-            )
+    if any(layout is not torch.strided for layout in set(map(_LAYOUT, grads))):
+        for k, grad in enumerate(grads):
+            if grad.layout is not torch.strided:
+                raise TypeError(
+                    f"gradient of {result.name(k)} has layout {grad.layout}; gradclip "
+                    "supports dense (torch.strided) gradients only. Densify it with "
+                    "grad.to_dense() or use a dense embedding (sparse=False)"
+                )
     return result
+
+
+_GRAD = operator.attrgetter("grad")
+_LAYOUT = operator.attrgetter("layout")
 
 
 def _split_item(item: object, index: int) -> tuple[str, Tensor]:

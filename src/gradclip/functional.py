@@ -23,12 +23,14 @@ and writing them once. On accelerators the code stays branch-free, as torch's do
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
 from gradclip import _sync
 from gradclip._agc import unit_clip_factors
-from gradclip._foreach import group_indices, use_foreach
+from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
 from gradclip.nonfinite import (
@@ -38,6 +40,7 @@ from gradclip.nonfinite import (
     zero_if_nonfinite_,
 )
 from gradclip.norms import (
+    any_dtensor,
     globalize_norms,
     is_dtensor,
     local_tensor,
@@ -101,11 +104,13 @@ def clip_grad_norm_(
     grads = collect_grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    norms = tensor_norms(grads.grads, p, foreach=foreach)
+    groups = group_tensors(grads.grads)  # once, for both passes
+    norms = tensor_norms(grads.grads, p, foreach=foreach, groups=groups)
     total_norm = total_norm_of(norms, p)
     if policy == "raise":
         raise_if_nonfinite(grads, norms, total_norm)
-    scale_grads_(grads.grads, clip_coefficient(max_norm, total_norm), foreach=foreach)
+    coefficient = clip_coefficient(max_norm, total_norm)
+    scale_grads_(grads.grads, coefficient, foreach=foreach, groups=groups)
     if policy == "zero":
         zero_if_nonfinite_(grads.grads, total_norm)
     return total_norm
@@ -159,14 +164,31 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     return torch.clamp((total_norm + NORM_EPS).reciprocal() * max_norm, max=1.0)
 
 
-def scale_grads_(grads: list[Tensor], scale: Tensor, *, foreach: bool | None = None) -> None:
+def scale_grads_(
+    grads: list[Tensor],
+    scale: Tensor,
+    *,
+    foreach: bool | None = None,
+    groups: Groups | None = None,
+) -> None:
     """Multiply every gradient by the 0-d tensor ``scale``, in place, one fused call per group.
 
     On CPU a scale of exactly 1 is skipped (bit-identical: ``x * 1.0 == x``).
+    ``groups`` is :func:`gradclip._foreach.group_tensors` of ``grads``, if the caller
+    already has it.
     """
-    if _sync.branch_on_host([scale, *grads]) and bool(scale == 1.0):
+    local = local_views(grads)
+    if local is not grads:  # DTensors were replaced by their shards: group those
+        groups = None
+        on_host = _sync.branch_on_host([scale, *grads])
+    else:
+        if groups is None:
+            groups = group_tensors(grads)
+        # A group shares one device: one tensor per group tells where they all are.
+        on_host = _sync.branch_on_host([scale, *(group[0] for group, _ in groups.values())])
+    if on_host and float(scale) == 1.0:
         return
-    foreach_mul_(local_views(grads), scale, foreach=foreach)
+    foreach_mul_(local, scale, foreach=foreach, groups=groups)
 
 
 @torch.no_grad()
@@ -200,20 +222,31 @@ def clip_grad_value_(
 
 def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None = None) -> None:
     """Clamp tensors to ``[-clip_value, clip_value]`` in place: the kernel of value clipping."""
-    for (device, _), index in group_indices(grads).items():
-        group = [grads[i] for i in index]
-        large = [g.numel() >= VALUE_ONE_PASS_MIN_NUMEL for g in group]
-        small = [g for g, is_large in zip(group, large) if not is_large]
+    buckets: list[tuple[torch.device, list[Tensor]]]
+    if grads and all(map(_IS_CPU, grads)):
+        # One device, and CPU kernels take lists mixing dtypes: no grouping pass needed.
+        buckets = [(grads[0].device, grads)]
+    else:
+        buckets = [(device, group) for (device, _), (group, _) in group_tensors(grads).items()]
+    for device, group in buckets:
+        numels = list(map(Tensor.numel, group))
+        if max(numels) < VALUE_ONE_PASS_MIN_NUMEL:  # all small: no per-tensor split
+            small, large = group, []
+        else:
+            small = [g for g, n in zip(group, numels) if n < VALUE_ONE_PASS_MIN_NUMEL]
+            large = [g for g, n in zip(group, numels) if n >= VALUE_ONE_PASS_MIN_NUMEL]
         if small and use_foreach(small, device, foreach):
             # Cache-resident: two fused calls beat a Python loop of one-pass clamps.
             torch._foreach_clamp_min_(small, -clip_value)
             torch._foreach_clamp_max_(small, clip_value)
-            group = [g for g, is_large in zip(group, large) if is_large]
         else:
             use_foreach(group, device, foreach)  # validates foreach=True as torch does
-        for g in group:
+            large = group
+        for g in large:
             g.clamp_(-clip_value, clip_value)
 
+
+_IS_CPU = operator.attrgetter("is_cpu")
 
 VALUE_ONE_PASS_MIN_NUMEL = 1 << 16
 """Tensors this large are clamped in one pass each; smaller ones are cache-resident and
@@ -274,24 +307,44 @@ def clip_grad_agc_(
     grads = collect_grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    for k, param in enumerate(grads.params):
-        _check_units_whole(grads.name(k), param)
-    local_grads = [local_tensor(g) for g in grads.grads]
-    groups = unit_clip_factors(
-        [local_tensor(p) for p in grads.params], local_grads, clip_factor, eps
-    )
+    has_dtensor = any_dtensor(grads.params) or any_dtensor(grads.grads)
+    local_params, local_grads = grads.params, grads.grads
+    if has_dtensor:
+        for k, param in enumerate(grads.params):
+            _check_units_whole(grads.name(k), param)
+        local_params = [local_tensor(p) for p in grads.params]
+        local_grads = [local_tensor(g) for g in grads.grads]
+    groups = unit_clip_factors(local_params, local_grads, clip_factor, eps)
     order = [k for group in groups for k in group.index]
     squares = torch.cat([group.squares.to(groups[0].squares.device) for group in groups])
     if order != sorted(order):
-        squares = squares[torch.tensor(order).argsort().to(squares.device)]
+        squares = squares.index_select(0, torch.tensor(order).argsort().to(squares.device))
     norms = squares.sqrt()
-    if any(is_dtensor(g) for g in grads.grads):
+    if has_dtensor and any_dtensor(grads.grads):
         norms = globalize_norms(grads.grads, norms, 2.0)
     total_norm = total_norm_of(norms, 2.0)
     if policy == "raise":
         raise_if_nonfinite(grads, norms, total_norm)
     stacked = [group.factors for group in groups]
-    if not (_sync.branch_on_host(stacked) and all(bool((f == 1.0).all()) for f in stacked)):
+    if _sync.branch_on_host(stacked):
+        # On CPU, skip the gradients whose factors are all exactly 1 (x * 1 == x).
+        targets: list[Tensor] = []
+        factors: list[Tensor] = []
+        for group in groups:
+            count = len(group.index)
+            flat = group.factors.reshape(count, group.factors.numel() // count)
+            needed = flat.ne(1.0).any(1).tolist()
+            if all(needed):
+                targets += [local_grads[k] for k in group.index]
+                factors += group.factors.unbind(0)
+            elif any(needed):
+                chosen = [j for j, need in enumerate(needed) if need]
+                targets += [local_grads[group.index[j]] for j in chosen]
+                # index_select, not advanced indexing: the latter wakes a second thread.
+                factors += group.factors.index_select(0, torch.tensor(chosen)).unbind(0)
+        if targets:
+            foreach_mul_(targets, factors, foreach=None)
+    else:
         targets = [local_grads[k] for k in order]
         foreach_mul_(targets, [f for group in stacked for f in group.unbind(0)], foreach=None)
     if policy == "zero":

@@ -1,0 +1,1 @@
+"""Benchmarks for gradclip: run ``python -m benchmarks.clip`` from the repository root."""
