@@ -33,8 +33,10 @@ from benchmarks.common import (
     format_ms,
     machine_info,
     markdown_table,
+    markers,
     measure,
     restore_,
+    write_section,
 )
 
 Shape = tuple[int, ...]
@@ -493,9 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(os, "getloadavg"):
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         machine["load average at end (1, 5, 15 min)"] = load
+    begin, end = markers("clip")
     report = render(rows, command, machine, notes_for(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report, encoding="utf-8")
+    write_section(args.out, "clip", f"{begin}\n{report.strip()}\n{end}\n")
     log(f"done in {time.perf_counter() - start:.0f}s; wrote {args.out}")
     for row in rows:
         target = "" if row.target is None else f" (target ≤ {row.target:.2f}: {_status(row)})"

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -139,3 +140,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin/end comment lines that delimit benchmark ``name``'s section of RESULTS.md."""
+    return f"<!-- benchmarks/{name}.py: begin -->", f"<!-- benchmarks/{name}.py: end -->"
+
+
+def write_section(path: Path, name: str, section: str) -> None:
+    """Replace benchmark ``name``'s section of ``path`` (between its markers), or append it.
+
+    ``section`` must start with ``markers(name)[0]`` and end with ``markers(name)[1]``;
+    the other benchmarks' sections are left as they are.
+    """
+    begin, end = markers(name)
+    if not (section.lstrip().startswith(begin) and section.rstrip().endswith(end)):
+        raise ValueError(f"section of {name} must be wrapped in {begin} ... {end}")
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.strip("\n") + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section.strip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")

@@ -40,14 +40,22 @@ from pathlib import Path
 import torch
 
 from benchmarks.clip import check_close, gpt2_small_shapes, make_workload
-from benchmarks.common import Fn, Samples, format_ms, machine_info, markdown_table, measure
+from benchmarks.common import (
+    Fn,
+    Samples,
+    format_ms,
+    machine_info,
+    markdown_table,
+    markers,
+    measure,
+    write_section,
+)
 from gradclip.clippers.fixed import NormClip
 from gradclip.integrations.optim import attach
 
 TARGET = 0.85
 LR = 1e-4
-BEGIN = "<!-- benchmarks/fused.py: begin -->"
-END = "<!-- benchmarks/fused.py: end -->"
+BEGIN, END = markers("fused")
 
 
 def run(repeats: int, warmup: int, log: Callable[[str], None]) -> tuple[Samples, str, str]:
@@ -228,17 +236,6 @@ same gradients (the fused kernel stores `grad / grad_scale` back into `p.grad`).
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between markers), or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write its section of the report."""
     parser = argparse.ArgumentParser(
@@ -273,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     command = shlex.join(["python", "-m", "benchmarks.fused", *sys.argv[1:]])
     samples, workload, check = run(repeats, warmup, log)
-    write_section(args.out, render(samples, workload, check, command, machine))
+    write_section(args.out, "fused", render(samples, workload, check, command, machine))
     ratio = samples.ratio("gradclip", "torch")
     print(
         f"{workload}: folded clip + fused AdamW vs clip_grad_norm_ + fused AdamW: "

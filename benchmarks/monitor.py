@@ -34,15 +34,22 @@ from pathlib import Path
 import torch
 
 from benchmarks.clip import Workload, gpt2_small_shapes, make_workload, small_shapes
-from benchmarks.common import Samples, format_ms, machine_info, markdown_table, measure
+from benchmarks.common import (
+    Samples,
+    format_ms,
+    machine_info,
+    markdown_table,
+    markers,
+    measure,
+    write_section,
+)
 from gradclip.clippers.fixed import NormClip
 from gradclip.monitor import GradMonitor
 from gradclip.writers import CSVWriter
 
 LOG_EVERY = 50
 TARGET = 1.15
-BEGIN = "<!-- benchmarks/monitor.py: begin -->"
-END = "<!-- benchmarks/monitor.py: end -->"
+BEGIN, END = markers("monitor")
 
 
 @dataclass(frozen=True)
@@ -242,18 +249,6 @@ the monitor's own fused norm pass (information: monitoring without a clipper).
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (between markers), or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write its section of the report."""
     parser = argparse.ArgumentParser(
@@ -286,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(run_workload(work, [n for n, _ in shapes], wu))
         del work
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_section(args.out, render(results, command, machine))
+    write_section(args.out, "monitor", render(results, command, machine))
     print(f"done in {time.perf_counter() - start:.0f}s; wrote {args.out}", file=sys.stderr)
     for r in results:
         print(

@@ -9,12 +9,15 @@ ratio of wall times. Target (issue): vectorized ≥ 10× faster.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, markers, write_section
 from gradclip.experiments.sweep import grid_points, parse_grid, sweep_sequential, sweep_vectorized
 from gradclip.experiments.tasks import TaskOptions
 
@@ -23,6 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a 4x4 grid, 60 steps")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown report path"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     size = 4 if args.quick else 9
@@ -40,12 +46,32 @@ def main() -> None:
             fn(points, options=options)
             times[name].append(time.perf_counter() - start)
     vec, seq = statistics.median(times["vectorized"]), statistics.median(times["sequential"])
-    info = machine_info()
     steps = options.max_steps or "all"
-    print(f"grid {len(lrs)}x{len(thresholds)} = {len(points)} runs, {steps} steps each")
-    print(f"median wall time: vectorized {vec:.3g} s, sequential {seq:.3g} s")
-    print(f"speed-up (sequential / vectorized): {seq / vec:.1f}x  (target >= 10x)")
-    print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    grid = f"{len(lrs)}×{len(thresholds)} = {len(points)} runs, {steps} steps each"
+    speedup = seq / vec
+    verdict = "pass" if speedup >= 10 else "FAIL"
+    begin, end = markers("sweep")
+    machine = "\n".join(f"- {k}: {v}" for k, v in machine_info().items())
+    section = f"""{begin}
+## Vectorized lr × threshold sweep
+
+Command: `{shlex.join(["python", "-m", "benchmarks.sweep", *sys.argv[1:]])}`
+
+The regression task's grid ({grid}) trained with `sweep_vectorized` (stacked states,
+`vmap(grad)`, per-model clipping) and one run at a time with `NormClip` and
+`torch.optim.SGD` (`sweep_sequential`), alternating, {args.rounds} rounds, after one
+untimed warm-up of each (functorch's first call costs about a second once).
+
+| | median wall time | speed-up | target | result |
+| --- | --- | --- | --- | --- |
+| vectorized | {vec:.3g} s | {speedup:.1f}× | ≥ 10× | {verdict} |
+| sequential | {seq:.3g} s | | | |
+
+{machine}
+{end}
+"""
+    print(section)
+    write_section(args.out, "sweep", section)
 
 
 if __name__ == "__main__":

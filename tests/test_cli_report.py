@@ -143,4 +143,4 @@ def test_demo_still_parses(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["demo", "--help"])
     assert info.value.code == 0
-    assert "--max-norm" in capsys.readouterr().out
+    assert "--seeds" in capsys.readouterr().out
