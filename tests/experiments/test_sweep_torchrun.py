@@ -1,0 +1,47 @@
+"""``torchrun --nproc-per-node 2 -m gradclip sweep`` splits the grid and gathers on rank 0."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_ranks_give_the_single_process_grid(tmp_path: Path) -> None:
+    args = ["sweep", "--lr", "0.01,0.3,3", "--threshold", "0.1,1", "--epochs", "1"]
+    single = tmp_path / "single"
+    subprocess.run(
+        [sys.executable, "-m", "gradclip", *args, "--out", str(single)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    ranks = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         "-m", "gradclip", *args, "--out", str(ranks)],
+        capture_output=True, text=True, timeout=180, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("grid points") == 1  # only rank 0 reports
+    expected, got = rows(single / "sweep.csv"), rows(ranks / "sweep.csv")
+    assert len(got) == 3 * 3  # 3 lrs x (2 thresholds + unclipped)
+    assert got == expected
