@@ -66,6 +66,7 @@ from torch import Tensor
 
 from gradclip._params import ParamsLike
 from gradclip.clippers.base import GlobalNormClipper, ParamGroup, State
+from gradclip.clippers.schedule import Schedule
 
 HISTORY_MODES = ("full", "window", "stream")
 """The ways to keep the norm history: every norm, the last ``window``, or a sketch."""
@@ -104,6 +105,9 @@ class AutoClip(GlobalNormClipper):
         include_current: ``True`` (the paper): the current norm is in the history
             the percentile is taken over. ``False``: only earlier norms count, and
             the first step is not clipped (the convention of ``autoclip`` 0.2.1).
+        schedule: a threshold schedule (a :class:`~gradclip.clippers.schedule.Schedule`
+            or a string such as ``"cosine:1000"``) that scales the threshold applied
+            each step; the strategy's own statistics never see the scheduled value.
         norm_type: the p of the norms, p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``; non-finite norms are never
             recorded, whatever the policy.
@@ -145,6 +149,7 @@ class AutoClip(GlobalNormClipper):
         window: int = 1000,
         relative_accuracy: float = 0.01,
         include_current: bool = True,
+        schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
     ) -> None:
@@ -154,6 +159,7 @@ class AutoClip(GlobalNormClipper):
             "window": window,
             "relative_accuracy": relative_accuracy,
             "include_current": include_current,
+            "schedule": schedule,
         }
         super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
 

@@ -82,7 +82,7 @@ class NormClip(GlobalNormClipper):
         *,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
-        schedule: Schedule | None = None,
+        schedule: Schedule | str | None = None,
     ) -> None:
         super().__init__(
             params,

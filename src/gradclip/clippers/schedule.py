@@ -312,20 +312,61 @@ class RelaxOnCalm(Schedule):
         self._factor = torch.as_tensor(state_dict["factor"]).detach().clone()
 
 
-def check_schedule(value: object) -> Schedule | None:
-    """Validate a ``schedule`` option: a :class:`Schedule` or None.
+SCHEDULE_SPECS = (
+    "constant[:FACTOR]",
+    "warmup:STEPS[:START_FACTOR]",
+    "cosine:STEPS[:FINAL_FACTOR]",
+    "relax[:WINDOW]",
+)
+"""The forms of :func:`parse_schedule` strings (as in ``"norm:1.0,schedule=cosine:1000"``)."""
+
+
+def parse_schedule(text: str) -> Schedule:
+    """A schedule from a short string, for strategy specs and the command line.
+
+    >>> parse_schedule("cosine:1000:0.05")
+    Cosine(total_steps=1000, final_factor=0.05)
+    >>> parse_schedule("warmup:100")
+    LinearWarmup(warmup_steps=100, start_factor=0.1)
 
     Raises:
-        TypeError: anything else (a spec string such as ``"cosine"`` included:
-            schedules need construction arguments, so pass an instance, e.g.
-            ``from_spec("norm:1.0", params, schedule=Cosine(1000, 0.1))``).
+        ValueError: an unknown name or malformed arguments; lists the valid forms.
     """
+    name, *args = text.strip().lower().split(":")
+    makers: dict[str, tuple[type[Schedule], tuple[type, ...]]] = {
+        "constant": (Constant, (float,)),
+        "warmup": (LinearWarmup, (int, float)),
+        "cosine": (Cosine, (int, float)),
+        "relax": (RelaxOnCalm, (int,)),
+    }
+    valid = ", ".join(SCHEDULE_SPECS)
+    if name not in makers:
+        raise ValueError(f"unknown schedule {text!r}; valid: {valid}")
+    cls, kinds = makers[name]
+    required = 1 if name in ("warmup", "cosine") else 0
+    if not required <= len(args) <= len(kinds):
+        raise ValueError(f"schedule {text!r} has the wrong number of arguments; valid: {valid}")
+    try:
+        values = [kind(arg) for kind, arg in zip(kinds, args)]
+    except ValueError:
+        raise ValueError(f"schedule {text!r} has a malformed number; valid: {valid}") from None
+    return cls(*values)
+
+
+def check_schedule(value: object) -> Schedule | None:
+    """Validate a ``schedule`` option: a :class:`Schedule`, a spec string, or None.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: a malformed schedule string (see :func:`parse_schedule`).
+    """
+    if isinstance(value, str):
+        return parse_schedule(value)
     if value is None or isinstance(value, Schedule):
         return value
     raise TypeError(
         f"schedule must be a gradclip Schedule (Constant, LinearWarmup, Cosine, "
-        f"RelaxOnCalm) or None; got {value!r}. Schedules take arguments, so pass an "
-        "instance, e.g. from_spec('norm:1.0', params, schedule=Cosine(1000, 0.1))"
+        f"RelaxOnCalm), a string such as 'cosine:1000', or None; got {value!r}"
     )
 
 

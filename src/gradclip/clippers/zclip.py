@@ -57,6 +57,7 @@ from torch import Tensor
 
 from gradclip._params import ParamsLike
 from gradclip.clippers.base import GlobalNormClipper, ParamGroup, State
+from gradclip.clippers.schedule import Schedule
 
 MODES = ("zscore", "percentile")
 CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -100,6 +101,9 @@ class ZClip(GlobalNormClipper):
             code: ``clip_factor · (μ + z_thresh² σ / z)``).
         skip_update_on_spike: leave the statistics unchanged on a clipped step (as
             zclip's option of the same name).
+        schedule: a threshold schedule (a :class:`~gradclip.clippers.schedule.Schedule`
+            or a string such as ``"cosine:1000"``) that scales the threshold applied
+            each step; the strategy's own statistics never see the scheduled value.
         norm_type: the p of the norms, p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``; whatever the policy, a
             non-finite norm changes no statistic.
@@ -146,6 +150,7 @@ class ZClip(GlobalNormClipper):
         clip_factor: float = 1.0,
         clip_factor_scope: str = "deviation",
         skip_update_on_spike: bool = False,
+        schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
     ) -> None:
@@ -160,6 +165,7 @@ class ZClip(GlobalNormClipper):
             "clip_factor": clip_factor,
             "clip_factor_scope": clip_factor_scope,
             "skip_update_on_spike": skip_update_on_spike,
+            "schedule": schedule,
         }
         self._decision: tuple[Tensor, Tensor, Tensor] | None = None
         """This step's (warmed up, spike, spike threshold), from ``_threshold`` to ``_update``."""
