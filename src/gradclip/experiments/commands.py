@@ -259,8 +259,9 @@ def _sweep(args: argparse.Namespace, command: str) -> int:
 def _text_table(summaries: list[Any]) -> str:
     from gradclip.experiments.report import label
 
+    width = max(16, *(len(label(s.clip)) + 2 for s in summaries))
     head = (
-        f"{'strategy':<16}{'diverged':>9}{'final loss':>12}{'best loss':>11}"
+        f"{'strategy':<{width}}{'diverged':>9}{'final loss':>12}{'best loss':>11}"
         f"{'clip rate':>10}{'ms/step':>9}"
     )
     lines = [head]
@@ -268,7 +269,7 @@ def _text_table(summaries: list[Any]) -> str:
         final = f"{s.final_loss:.4g}" if math.isfinite(s.final_loss) else "-"
         best = f"{s.best_loss:.4g}" if math.isfinite(s.best_loss) else "-"
         lines.append(
-            f"{label(s.clip):<16}{f'{s.diverged}/{s.runs}':>9}{final:>12}{best:>11}"
+            f"{label(s.clip):<{width}}{f'{s.diverged}/{s.runs}':>9}{final:>12}{best:>11}"
             f"{s.clip_rate:>10.0%}{s.step_ms:>9.2f}"
         )
     return "\n".join(lines)

@@ -32,6 +32,7 @@ SUMMARY_COLUMNS = (
     "final_loss",
     "final_loss_spread",
     "best_loss",
+    "loss_std",
     "loss_spikes",
     "clip_rate",
     "step_ms",
@@ -42,6 +43,8 @@ SUMMARY_COLUMNS = (
 ``final_loss`` is the median over the runs that did not diverge of each run's mean
 loss over its last tenth of steps; ``final_loss_spread`` is the range (max − min) of
 those values over seeds; ``best_loss`` the median of each run's lowest loss;
+``loss_std`` the median over those runs of the standard deviation of the loss over
+the second half of training (how much it still jumps around);
 ``loss_spikes`` the mean count of loss spikes per run; ``clip_rate`` the fraction of
 steps clipped; ``step_ms`` the median wall time of a step; ``wall_time_s`` the mean
 wall time of a run. Metrics are means over the runs that did not diverge.
@@ -60,6 +63,7 @@ class Summary:
     final_loss: float
     final_loss_spread: float
     best_loss: float
+    loss_std: float
     loss_spikes: float
     clip_rate: float
     step_ms: float
@@ -201,6 +205,7 @@ def summarize(runs: Sequence[RunResult]) -> Summary:
         final_loss=statistics.median(finals) if finals else math.nan,
         final_loss_spread=(max(finals) - min(finals)) if finals else math.nan,
         best_loss=statistics.median(bests) if bests else math.nan,
+        loss_std=statistics.median(_late_std(r) for r in finished) if finished else math.nan,
         loss_spikes=statistics.fmean(sum(row["loss_spike"] for row in r.rows) for r in runs),
         clip_rate=statistics.fmean(row["clipped"] for row in rows) if rows else math.nan,
         step_ms=statistics.median(row["time_ms"] for row in rows) if rows else math.nan,
@@ -210,6 +215,11 @@ def summarize(runs: Sequence[RunResult]) -> Summary:
             for m in metric_names
         },
     )
+
+
+def _late_std(result: RunResult) -> float:
+    late = [row["loss"] for row in result.rows[len(result.rows) // 2 :]]
+    return statistics.pstdev(late) if len(late) > 1 else 0.0
 
 
 def _final_loss(result: RunResult) -> float:

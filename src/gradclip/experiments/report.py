@@ -368,7 +368,8 @@ def _settings(runs: Sequence[RunResult]) -> str:
 def _table(summaries: Sequence[Summary]) -> str:
     metric_names = sorted({m for s in summaries for m in s.metrics})
     head = [
-        "strategy", "diverged", "final loss", "seed spread", "best loss", "loss spikes",
+        "strategy", "diverged", "final loss", "seed spread", "best loss", "late loss std",
+        "loss spikes",
         "clip rate", "ms/step", "wall s", *metric_names,
     ]  # fmt: skip
     rows = []
@@ -379,6 +380,7 @@ def _table(summaries: Sequence[Summary]) -> str:
             _num(s.final_loss),
             _num(s.final_loss_spread),
             _num(s.best_loss),
+            _num(s.loss_std),
             f"{s.loss_spikes:.1f}",
             f"{s.clip_rate:.0%}" if math.isfinite(s.clip_rate) else "–",
             _num(s.step_ms),
