@@ -28,6 +28,7 @@ import contextlib
 import doctest
 import io
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,29 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
+def _reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons (the HF Trainer makes them too)."""
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_frameworks() -> Any:
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
 @pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=_id)
 def test_page_examples_run(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+    page: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+    fresh_frameworks: None,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
