@@ -12,7 +12,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 BROWSER_STAMP := $(VENV)/.installed-browser
 DEMO_OUT ?= gradclip-demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,17 @@ test: lint $(BROWSER_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(DEV_STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts docs/_ext
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts docs/_ext
 	$(VENV)/bin/mypy
+
+# The documentation site, strict (warnings are errors); make test builds it too.
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Regenerate the guide's figures with gradclip compare/sweep (minutes; not part of test).
+figures: $(RUN_STAMP)
+	$(PY) scripts/figures.py
 
 bench: $(DEV_STAMP)
 	$(PY) -m benchmarks.clip
