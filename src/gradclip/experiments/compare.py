@@ -69,6 +69,8 @@ class Summary:
     step_ms: float
     wall_time_s: float
     metrics: dict[str, float] = field(default_factory=dict)
+    final_losses: list[float] = field(default_factory=list)
+    """Each finished run's final loss (not a CSV column; the conclusion compares them)."""
 
     def row(self) -> dict[str, Any]:
         """The summary as a flat dict: the fixed columns, then the metrics."""
@@ -214,6 +216,7 @@ def summarize(runs: Sequence[RunResult]) -> Summary:
             m: statistics.fmean(r.metrics[m] for r in finished if m in r.metrics)
             for m in metric_names
         },
+        final_losses=finals,
     )
 
 

@@ -31,7 +31,7 @@ BASELINE = "none"
 """The spec of the unclipped baseline the conclusion compares against."""
 
 NOISE_FLOOR = 0.05
-"""Relative final-loss differences below this (or below the seed spread) count as no change."""
+"""Relative final-loss differences below this count as no change."""
 
 
 def write_report(study: Study, *, command: str = "") -> dict[str, Path]:
@@ -82,19 +82,7 @@ def conclude(summaries: Sequence[Summary]) -> list[str]:
     best = min(finished, key=lambda s: s.final_loss)
     if base is not None and base.diverged == 0 and math.isfinite(base.final_loss):
         for s in [s for s in others if s.diverged == 0 and math.isfinite(s.final_loss)]:
-            change = (s.final_loss - base.final_loss) / abs(base.final_loss)
-            noise = max(NOISE_FLOOR, _relative_spread(base), _relative_spread(s))
-            if abs(change) <= noise:
-                lines.append(
-                    f"{label(s.clip)} changed the final loss by {change:+.1%}, within the "
-                    f"noise (±{noise:.0%}): clipping is not needed in this setting."
-                )
-            else:
-                verdict = "better" if change < 0 else "worse"
-                lines.append(
-                    f"{label(s.clip)} ended {abs(change):.0%} {verdict} than no clipping "
-                    f"(final loss {s.final_loss:.4g} vs {base.final_loss:.4g})."
-                )
+            lines.append(_versus_baseline(s, base))
     lines.append(f"Lowest final loss: {label(best.clip)} ({best.final_loss:.4g}).")
     for s in others:
         if s.clip_rate >= 0.95:
@@ -293,10 +281,37 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def _relative_spread(s: Summary) -> float:
-    if not (math.isfinite(s.final_loss_spread) and s.final_loss):
-        return 0.0
-    return s.final_loss_spread / abs(s.final_loss)
+def _versus_baseline(s: Summary, base: Summary) -> str:
+    """One sentence on a strategy's final loss against no clipping, honest about seeds.
+
+    A difference counts when every seed of one is below every seed of the other;
+    overlapping seeds are called inconclusive, and a single seed is flagged as such.
+    """
+    change = (s.final_loss - base.final_loss) / abs(base.final_loss)
+    name = label(s.clip)
+    if abs(change) <= NOISE_FLOOR:
+        return (
+            f"{name} changed the final loss by {change:+.1%}: no real difference, so "
+            "clipping is not needed in this setting."
+        )
+    verdict = "lower" if change < 0 else "higher"
+    numbers = f"final loss {s.final_loss:.4g} vs {base.final_loss:.4g}"
+    ours, theirs = s.final_losses, base.final_losses
+    if len(ours) > 1 and len(theirs) > 1:
+        if max(ours) < min(theirs) or min(ours) > max(theirs):
+            return (
+                f"{name} ended {abs(change):.0%} {verdict} than no clipping in every seed "
+                f"({numbers})."
+            )
+        return (
+            f"{name}'s median final loss is {abs(change):.0%} {verdict} than no clipping "
+            f"({numbers}), but the seeds overlap ({min(ours):.4g}-{max(ours):.4g} vs "
+            f"{min(theirs):.4g}-{max(theirs):.4g}): not conclusive with these seeds."
+        )
+    return (
+        f"{name} ended {abs(change):.0%} {verdict} than no clipping ({numbers}); one seed "
+        "only, so run more (--seeds) to tell this from seed-to-seed noise."
+    )
 
 
 def _top(values: list[float]) -> float:
