@@ -8,6 +8,7 @@ several passes per parameter. Reference: Brock et al. 2021, arXiv:2102.06171.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradclip._foreach import group_tensors
-from gradclip.norms import accumulation_dtype
+from gradclip.norms import accumulation_dtype, is_dtensor, local_tensor, tensor_norms
 
 STACK_MAX_NUMEL = 1 << 16
 """Same-shaped tensors up to this many elements are stacked and processed together."""
@@ -103,6 +104,61 @@ def unit_clip_factors(
                     )
                 )
     return out
+
+
+def sharded_unit_clip_factors(
+    params: Sequence[Tensor], grads: Sequence[Tensor], clip_factor: float, eps: float
+) -> list[UnitFactors]:
+    """:func:`unit_clip_factors` for DTensors (plain tensors may be mixed in).
+
+    The rows of a matrix sharded on dim 0 (FSDP2's ``Shard(0)``) or replicated lie
+    whole in the local shard: their factors are computed locally. A vector is one
+    unit, and a sharded vector (a bias, a norm layer's weight) is split across ranks:
+    its weight and gradient norms are reduced globally (one all-reduce per mesh and
+    sharding pattern), and every rank applies the same factor to its piece. For such
+    a vector, ``squares``, ``unit_norms`` and ``bounds`` are the local piece's share
+    (``bounds`` apportioned by element count), so that summing their squares over
+    the ranks, as :func:`gradclip.norms.globalize_norms` does, gives the global value.
+    The caller has checked that no unit is split otherwise (``Shard(d)``, d > 0, or
+    ``Partial`` weights). Every rank must call this with the same tensors.
+    """
+    local_params = [local_tensor(p) for p in params]
+    local_grads = [local_tensor(g) for g in grads]
+    split = [k for k, g in enumerate(grads) if g.ndim == 1 and _is_sharded(g)]
+    if not split:
+        return unit_clip_factors(local_params, local_grads, clip_factor, eps)
+    chosen = set(split)
+    whole = [k for k in range(len(grads)) if k not in chosen]
+    out = [
+        dataclasses.replace(u, index=[whole[j] for j in u.index])
+        for u in unit_clip_factors(
+            [local_params[k] for k in whole], [local_grads[k] for k in whole], clip_factor, eps
+        )
+    ]
+    count = len(split)
+    global_norms = tensor_norms([*(params[k] for k in split), *(grads[k] for k in split)])
+    w_norm, g_norm = global_norms[:count], global_norms[count:]
+    factors, _, bounds = _factor_from_norms(w_norm, g_norm, clip_factor, eps)
+    local_norms = tensor_norms([local_grads[k] for k in split]).to(g_norm.dtype)
+    share = torch.tensor(
+        [local_grads[k].numel() / max(1, grads[k].numel()) for k in split],
+        dtype=g_norm.dtype,
+        device=g_norm.device,
+    ).sqrt()
+    out.append(
+        UnitFactors(
+            split,
+            factors.unsqueeze(1),
+            local_norms.square(),
+            local_norms.unsqueeze(1),
+            (bounds * share).unsqueeze(1),
+        )
+    )
+    return out
+
+
+def _is_sharded(tensor: Tensor) -> bool:
+    return is_dtensor(tensor) and any(pl.is_shard() for pl in tensor.placements)  # type: ignore[attr-defined]
 
 
 def _factor(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from gradclip import _sync
-from gradclip._agc import unit_clip_factors
+from gradclip._agc import sharded_unit_clip_factors, unit_clip_factors
 from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
@@ -180,7 +180,7 @@ def scale_grads_(
     local = local_views(grads)
     if local is not grads:  # DTensors were replaced by their shards: group those
         groups = None
-        on_host = _sync.branch_on_host([scale, *grads])
+        on_host = _sync.branch_on_host([scale, *local])
     else:
         if groups is None:
             groups = group_tensors(grads)
@@ -216,12 +216,26 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    grads = local_views(collect_grads(parameters).grads, linear=False)
-    clamp_grads_(grads, clip_value, foreach=foreach)
+    clamp_grads_(collect_grads(parameters).grads, clip_value, foreach=foreach)
 
 
 def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None = None) -> None:
-    """Clamp tensors to ``[-clip_value, clip_value]`` in place: the kernel of value clipping."""
+    """Clamp tensors to ``[-clip_value, clip_value]`` in place: the kernel of value clipping.
+
+    DTensors are clamped through their local shards (plain and DTensor gradients may
+    be mixed). A Partial DTensor (a pending sum) cannot be clamped piece by piece:
+    its summands are multiplied by ``clamp(x) / x`` of the reduced value ``x``, a
+    factor in [0, 1] that commutes with the pending reduction.
+    """
+    if any_dtensor(grads):
+        grads = local_views(grads, linear=False)
+        pending = [g for g in grads if is_dtensor(g)]
+        if pending:
+            for g in pending:
+                whole = local_tensor(g)
+                factor = torch.where(whole != 0, whole.clamp(-clip_value, clip_value) / whole, 1.0)
+                local_views([g])[0].mul_(factor)
+            grads = [g for g in grads if not is_dtensor(g)]
     buckets: list[tuple[torch.device, list[Tensor]]]
     if grads and all(map(_IS_CPU, grads)):
         # One device, and CPU kernels take lists mixing dtypes: no grouping pass needed.
@@ -308,13 +322,15 @@ def clip_grad_agc_(
     if not grads:
         return torch.tensor(0.0)
     has_dtensor = any_dtensor(grads.params) or any_dtensor(grads.grads)
-    local_params, local_grads = grads.params, grads.grads
+    local_grads = grads.grads
     if has_dtensor:
         for k, param in enumerate(grads.params):
             _check_units_whole(grads.name(k), param)
-        local_params = [local_tensor(p) for p in grads.params]
-        local_grads = [local_tensor(g) for g in grads.grads]
-    groups = unit_clip_factors(local_params, local_grads, clip_factor, eps)
+        # Scaling is linear: the summands of a Partial gradient may be scaled.
+        local_grads = local_views(grads.grads)
+        groups = sharded_unit_clip_factors(grads.params, grads.grads, clip_factor, eps)
+    else:
+        groups = unit_clip_factors(grads.params, grads.grads, clip_factor, eps)
     order = [k for group in groups for k in group.index]
     squares = torch.cat([group.squares.to(groups[0].squares.device) for group in groups])
     if order != sorted(order):

@@ -10,9 +10,10 @@ strategy, the monitor, the non-finite check). Two differences from
 * **Global norms for DTensors.** For DTensor gradients (FSDP2, tensor parallel) the
   result is the norm of the whole, unsharded tensor as a plain tensor, identical on
   every rank: the local p-th powers are summed over the sharded mesh dimensions (the
-  maximum for ``inf``) with one all-reduce per mesh and sharding pattern. DTensor and
-  plain gradients may be mixed, and DTensors may live on different meshes; torch
-  raises in both cases.
+  maximum for ``inf``) with one all-reduce per mesh and sharding pattern. A NaN on
+  any rank's shard makes that norm NaN on every rank. DTensor and plain gradients
+  may be mixed, and DTensors may live on different meshes; torch raises in both
+  cases. An empty shard (fewer rows than ranks) counts as 0, for ``inf`` too.
 """
 
 from __future__ import annotations
@@ -107,9 +108,13 @@ def tensor_norms(
         return torch.zeros(0)
     if not any_dtensor(tensors):
         return _local_norm_vector(tensors, p, foreach, groups)
-    local = [local_tensor(t) for t in tensors]
+    local, reductions = _layout(tensors)
+    if math.isinf(p):
+        # A shard can be empty (fewer rows than ranks), and torch's inf-norm has no
+        # identity for it: the largest of no absolute values is 0 here.
+        local = [t if t.numel() else t.new_zeros(1) for t in local]
     norms = _local_norm_vector(local, p, foreach, None)
-    return globalize_norms(tensors, norms, p)
+    return _reduce(norms, reductions, p)
 
 
 def stack_norms(norms: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
@@ -164,26 +169,68 @@ def globalize_norms(tensors: Sequence[Tensor], local_norms: Tensor, norm_type: f
     replicated dimensions hold full copies and are not reduced. Entries of plain
     tensors are returned unchanged. Every rank must call this with the same tensors.
     """
+    return _reduce(local_norms, _layout(tensors, local=False)[1], check_norm_type(norm_type))
+
+
+Reductions = list[tuple[Any, tuple[int, ...], list[int]]]
+"""``(mesh, sharded mesh dims, positions)``: the DTensors whose norms one all-reduce sums."""
+
+
+def _layout(tensors: Sequence[Tensor], *, local: bool = True) -> tuple[list[Tensor], Reductions]:
+    """One pass over ``tensors``: their local tensors (if ``local``) and their reductions.
+
+    Per-tensor Python work is what a first call with thousands of DTensor gradients
+    costs, so placements are inspected once per distinct placements tuple.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return list(tensors) if local else [], []
+    dtensor = module.DTensor
+    seen: dict[Any, tuple[tuple[int, ...], bool]] = {}  # placements -> (shard dims, partial)
+    groups: dict[tuple[int, tuple[int, ...]], tuple[Any, list[int]]] = {}
+    shards: list[Tensor] = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dtensor):
+            if local:
+                shards.append(t)
+            continue
+        placements = t.placements
+        layout = seen.get(placements)
+        if layout is None:
+            dims = tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+            layout = seen[placements] = dims, any(pl.is_partial() for pl in placements)
+        dims, partial = layout
+        if local:
+            shards.append(local_tensor(t) if partial else t.to_local())
+        if dims:
+            mesh = t.device_mesh
+            entry = groups.get((id(mesh), dims))
+            if entry is None:
+                entry = groups[id(mesh), dims] = (mesh, [])
+            entry[1].append(i)
+    return shards, [(mesh, dims, index) for (_, dims), (mesh, index) in groups.items()]
+
+
+def _reduce(local_norms: Tensor, reductions: Reductions, p: float) -> Tensor:
+    """:func:`globalize_norms` given the reductions of :func:`_layout`."""
     import torch.distributed as dist
 
-    p = check_norm_type(norm_type)
-    groups: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
-    for i, t in enumerate(tensors):
-        if is_dtensor(t):
-            dt: DTensor = t  # type: ignore[assignment]
-            shard_dims = tuple(d for d, pl in enumerate(dt.placements) if pl.is_shard())
-            if shard_dims:
-                groups.setdefault((dt.device_mesh, shard_dims), []).append(i)
     out = local_norms
-    for (mesh, shard_dims), index in groups.items():
+    for mesh, shard_dims, index in reductions:
         where = torch.tensor(index, device=local_norms.device)
         values = local_norms.index_select(0, where)
-        if not math.isinf(p):
+        if math.isinf(p):
+            # gloo's MAX keeps or drops a NaN depending on which rank holds it, so
+            # NaN travels as a separate flag (max of 0/1) in the same all-reduce.
+            values = torch.cat([values, values.isnan().to(values.dtype)])
+            for mesh_dim in shard_dims:
+                dist.all_reduce(values, dist.ReduceOp.MAX, group=mesh.get_group(mesh_dim))
+            values, nan = values.chunk(2)
+            values = torch.where(nan > 0, math.nan, values)
+        else:
             values = values.pow(p)
-        op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
-        for mesh_dim in shard_dims:
-            dist.all_reduce(values, op, group=mesh.get_group(mesh_dim))
-        if not math.isinf(p):
+            for mesh_dim in shard_dims:
+                dist.all_reduce(values, dist.ReduceOp.SUM, group=mesh.get_group(mesh_dim))
             values = values.pow(1.0 / p)
         out = out.index_copy(0, where, values)
     return out

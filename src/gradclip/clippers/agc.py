@@ -47,12 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from gradclip import _sync
-from gradclip._agc import unit_clip_factors
+from gradclip._agc import sharded_unit_clip_factors, unit_clip_factors
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip._params import ParamsLike, check_threshold
 from gradclip.clippers.base import Clipper, GroupResult, ParamGroup, State
 from gradclip.functional import _check_units_whole
-from gradclip.norms import globalize_norms, is_dtensor, local_tensor, total_norm_of
+from gradclip.norms import any_dtensor, globalize_norms, local_views, total_norm_of
 
 __all__ = ["AGC", "Exclude", "final_classifier_names"]
 
@@ -173,13 +173,15 @@ class AGC(Clipper):
             none = torch.zeros((), dtype=torch.bool, device=norms.device)
             return GroupResult(inf, total_norm_of(norms, 2.0), none)
         kept = [grads[k] for k in keep]
-        local_grads = [local_tensor(g) for g in kept]
-        units = unit_clip_factors(
-            [local_tensor(present[k][0]) for k in keep],
-            local_grads,
-            group["clip_factor"],
-            group["eps"],
-        )
+        weights = [present[k][0] for k in keep]
+        sharded = any_dtensor(kept) or any_dtensor(weights)
+        if sharded:
+            # Scaling is linear: the summands of a Partial gradient may be scaled.
+            local_grads = local_views(kept)
+            units = sharded_unit_clip_factors(weights, kept, group["clip_factor"], group["eps"])
+        else:
+            local_grads = kept
+            units = unit_clip_factors(weights, kept, group["clip_factor"], group["eps"])
 
         factors = [u.factors for u in units]
         if not (_sync.branch_on_host(factors) and all(bool((f == 1.0).all()) for f in factors)):
@@ -204,10 +206,11 @@ class AGC(Clipper):
             ]
             out = torch.cat([r.to(norms.device) for r in rows])
             out = out if inverse is None else out.index_select(0, inverse)
-            if reduce != "norm":
-                return out
-            out = out.to(norms.dtype).sqrt()
-            return globalize_norms(kept, out, 2.0) if any(map(is_dtensor, kept)) else out
+            if not sharded:
+                return out if reduce != "norm" else out.to(norms.dtype).sqrt()
+            if reduce != "norm":  # a unit scaled on any rank's shard counts on every rank
+                return globalize_norms(kept, out.to(norms.dtype), math.inf) > 0
+            return globalize_norms(kept, out.to(norms.dtype).sqrt(), 2.0)
 
         # A tensor none of whose units was scaled keeps its measured norm exactly (the
         # unit norms would give it again up to rounding, and scale could exceed 1).
