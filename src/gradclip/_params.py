@@ -99,7 +99,7 @@ def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -
             grads = found  # type: ignore[assignment]
     else:
         for index, item in enumerate(items):
-            name, param = _split_item(item, index)
+            name, param = split_named(item, index)
             if param.grad is not None:
                 given_names[len(params)] = name
                 params.append(param)
@@ -121,9 +121,14 @@ _GRAD = operator.attrgetter("grad")
 _LAYOUT = operator.attrgetter("layout")
 
 
-def _split_item(item: object, index: int) -> tuple[str, Tensor]:
+def split_named(item: object, index: int, label: str = "parameters") -> tuple[str, Tensor]:
+    """``(name, tensor)`` of an item of a ``parameters`` iterable; ``label[i]`` names a bare tensor.
+
+    Raises:
+        TypeError: neither a tensor nor a ``(str, Tensor)`` pair.
+    """
     if isinstance(item, Tensor):
-        return f"parameters[{index}]", item
+        return f"{label}[{index}]", item
     if (
         isinstance(item, tuple)
         and len(item) == 2
@@ -132,7 +137,7 @@ def _split_item(item: object, index: int) -> tuple[str, Tensor]:
     ):
         return item[0], item[1]
     raise TypeError(
-        f"parameters[{index}] is a {type(item).__name__}; expected a Tensor or a "
+        f"{label}[{index}] is a {type(item).__name__}; expected a Tensor or a "
         "(name, Tensor) pair such as those of model.named_parameters()"
     )
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from gradclip._params import GradList, ParamsLike, check_norm_type, collect_grads
+from gradclip._params import GradList, ParamsLike, check_norm_type, collect_grads, split_named
 from gradclip.clippers.schedule import Schedule, check_schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.functional import clip_coefficient, scale_grads_
@@ -475,18 +475,7 @@ def _as_groups(params: ParamsLike | Iterable[dict[str, Any]]) -> list[dict[str, 
 
 
 def _named(item: object, index: int) -> tuple[str, Tensor]:
-    if isinstance(item, Tensor):
-        return f"params[{index}]", item
-    if (
-        isinstance(item, tuple)
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], Tensor)
-    ):
-        return item[0], item[1]
-    raise TypeError(
-        f"params[{index}] is a {type(item).__name__}; expected a Tensor or a (name, Tensor) pair"
-    )
+    return split_named(item, index, "params")
 
 
 def _grads_of(group: ParamGroup) -> list[Tensor]:
