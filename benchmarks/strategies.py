@@ -2,8 +2,10 @@
 
 Run from the repository root::
 
-    python -m benchmarks.strategies            # full run, about 5-7 minutes on 2 cores
-    python -m benchmarks.strategies --quick    # about 1.5 minutes, noisier
+    python -m benchmarks.strategies            # about 3-4 minutes on 2 idle cores
+    python -m benchmarks.strategies --quick    # about a minute, noisier
+
+(Both take two to three times as long when other jobs load the machine.)
 
 Workloads (from :mod:`benchmarks.clip`): GPT-2-small-shaped gradients (124M float32
 in 148 tensors) and 500 tensors of 32x32. A stateful clipper's step depends on its
@@ -1044,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="few rounds, and the step-50,000 check for the window mode only: about 1.5 minutes",
+        help="few rounds, and the step-50,000 check for the window mode only: about a minute",
     )
     parser.add_argument(
         "--threads",
