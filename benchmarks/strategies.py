@@ -286,7 +286,7 @@ def strategy_impls(work: Workload) -> list[Impl]:
             "gradclip ValueClip",
             vc.clip_,
             "gradclip",
-            "ValueClip(params, max |calm gradient|).clip_()",
+            "ValueClip(params, largest calm |gradient|).clip_()",
             per_tensor=True,
         ),
         Impl("gradclip AGC", agc.clip_, "gradclip", "AGC(params, 0.01).clip_()", per_tensor=True),
@@ -770,7 +770,7 @@ def times_table(impls: Sequence[Impl], phased: Phased) -> str:
         rows.append(
             [
                 impl.name,
-                f"`{impl.timed}`",
+                "`" + impl.timed.replace("|", "\\|") + "`",  # GFM: escape pipes in cells
                 format_ms(phased.calm.median(impl.name)),
                 format_ms(phased.spike.median(impl.name)),
                 format_ms(phased.step.median(impl.name)),
