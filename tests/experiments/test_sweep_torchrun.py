@@ -40,7 +40,7 @@ def test_two_ranks_give_the_single_process_grid(tmp_path: Path) -> None:
          "-m", "gradclip", *args, "--out", str(ranks)],
         capture_output=True, text=True, timeout=180, env=env, check=False,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert proc.stdout.count("grid points") == 1  # only rank 0 reports
     expected, got = rows(single / "sweep.csv"), rows(ranks / "sweep.csv")
     assert len(got) == 3 * 3  # 3 lrs x (2 thresholds + unclipped)

@@ -187,12 +187,19 @@ def sweep(
         return sweep_vectorized(points, seed=seed, options=options)
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    mine = sweep_vectorized(split(points, rank, world), seed=seed, options=options)
-    gathered: list[list[SweepPoint] | None] = [None] * world if rank == 0 else []
-    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    try:
+        rank = dist.get_rank()
+        mine = sweep_vectorized(split(points, rank, world), seed=seed, options=options)
+        gathered: list[list[SweepPoint] | None] = [None] * world if rank == 0 else []
+        dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    finally:
+        # A gloo group still alive at interpreter exit can abort the process (SIGABRT)
+        # while its worker threads are torn down; close the group this call opened.
+        if owns_group:
+            dist.destroy_process_group()
     if rank != 0:
         return []
     by_point = {(p.lr, p.threshold): p for share in gathered if share for p in share}
