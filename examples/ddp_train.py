@@ -101,6 +101,9 @@ def main() -> None:
         same = all(torch.equal(n, norms[0]) for n in norms)
         print(f"last total norm on every rank: {[f'{float(n):.6f}' for n in norms]} same={same}")
         print(f"skipped steps (non-finite): {skipped}")
+    # Every rank done before any tears its group down: a gloo group closed while a
+    # peer still uses it can abort that peer at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -10,12 +10,12 @@ whole process group (torchrun and its workers) is killed.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import rank_launch
 
 pytestmark = pytest.mark.distributed
 
@@ -35,21 +35,8 @@ def torchrun(script: str, *args: str) -> str:
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, so a timeout can end all of it
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{script} {' '.join(args)} did not finish within {TIMEOUT} s")
+    proc = rank_launch.run(command, env=env, timeout=TIMEOUT, cwd=str(ROOT))
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, f"{script} failed:\n{out}\n{err[-4000:]}"
     return out
 

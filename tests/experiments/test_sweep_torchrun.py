@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import rank_launch
+
 pytestmark = pytest.mark.distributed
 
 
@@ -34,11 +36,11 @@ def test_two_ranks_give_the_single_process_grid(tmp_path: Path) -> None:
     )  # fmt: skip
     ranks = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = rank_launch.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
          "-m", "gradclip", *args, "--out", str(ranks)],
-        capture_output=True, text=True, timeout=180, env=env, check=False,
+        env=env, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert proc.stdout.count("grid points") == 1  # only rank 0 reports

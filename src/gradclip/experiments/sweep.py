@@ -195,9 +195,11 @@ def sweep(
         mine = sweep_vectorized(split(points, rank, world), seed=seed, options=options)
         gathered: list[list[SweepPoint] | None] = [None] * world if rank == 0 else []
         dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+        if owns_group:
+            dist.barrier()  # no rank closes the group while a peer still uses it
     finally:
-        # A gloo group still alive at interpreter exit can abort the process (SIGABRT)
-        # while its worker threads are torn down; close the group this call opened.
+        # A gloo group still alive at interpreter exit, or closed while a peer still
+        # uses it, can abort the process (SIGABRT): close the group this call opened.
         if owns_group:
             dist.destroy_process_group()
     if rank != 0:
