@@ -146,9 +146,9 @@ def local_views(tensors: list[Tensor], *, linear: bool = True) -> list[Tensor]:
     ``linear`` ops (scaling, zeroing) may run on the summands of a Partial DTensor;
     otherwise (clamping) Partial DTensors are left as they are.
     """
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is None or not any(isinstance(t, module.DTensor) for t in tensors):
+    if not any_dtensor(tensors):
         return tensors
+    module = sys.modules["torch.distributed.tensor"]
 
     def local(t: Tensor) -> Tensor:
         if isinstance(t, module.DTensor) and (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -30,6 +31,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
+from gradclip._foreach import Groups, group_tensors
 from gradclip._params import GradList, ParamsLike, check_norm_type, collect_grads, split_named
 from gradclip.clippers.schedule import Schedule, check_schedule
 from gradclip.clippers.stats import ClipStats
@@ -108,6 +110,9 @@ class Clipper:
         self.nonfinite = check_policy(nonfinite)
         self.param_groups: list[ParamGroup] = []
         self.step = 0
+        self._params_cache: tuple[Tensor, ...] | None = None
+        self._step_grads: list[Tensor] | None = None
+        self._step_groups: Groups | None = None
         for group in _as_groups(params):
             self.add_param_group(group)
         if not any(g["params"] for g in self.param_groups):
@@ -136,6 +141,17 @@ class Clipper:
         """Like ``_clip_group`` without touching gradients; only :attr:`foldable` clippers."""
         raise NotImplementedError
 
+    def _tensor_norms(
+        self, grouped: list[list[Tensor]], every: list[Tensor], groups: Groups
+    ) -> Tensor:
+        """The pre-clip norm of each of ``every`` (the groups' gradients, concatenated).
+
+        One fused pass by default. A strategy that reads the gradients anyway (AGC's
+        unit norms) overrides this to derive the norms from its own pass and keep
+        what it computed for ``_clip_group``; it must not modify anything.
+        """
+        return tensor_norms(every, self.norm_type, groups=groups)
+
     # -- the shared machinery ------------------------------------------------------
 
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -163,6 +179,7 @@ class Clipper:
         new["names"] = [n for n, _ in named]
         self._check_options(new)
         self.param_groups.append(new)
+        self._params_cache = None
         if hasattr(self, "state"):
             self.state.append(self._init_state(new))
 
@@ -218,37 +235,45 @@ class Clipper:
         return self._run(apply=False, grad_scale=grad_scale)
 
     def _run(self, *, apply: bool, grad_scale: Tensor | None = None) -> ClipStats:
-        grouped = [_grads_of(g) for g in self.param_groups]
-        every = [g for grads in grouped for g in grads]
+        grouped, complete = self._bound_grads()
+        every = grouped[0] if len(grouped) == 1 else [g for grads in grouped for g in grads]
         if not every:
             self.step += 1
             return self._empty_stats()
         p = self.norm_type
-        norms = tensor_norms(every, p)
-        if grad_scale is not None:
-            norms = norms / grad_scale.to(norms.device, norms.dtype)
-        total_norm = total_norm_of(norms, p)
-        if self.nonfinite == "raise":
-            raise_if_nonfinite(self._named_grads(), norms, total_norm)
-        self.step += 1
-        results: list[GroupResult] = []
-        offset = 0
-        for group, state, grads in zip(self.param_groups, self.state, grouped):
-            if not grads:
-                continue
-            _to_device(state, norms.device)
-            group_norms = norms[offset : offset + len(grads)]
-            offset += len(grads)
-            if apply:
-                results.append(self._clip_group(group, state, grads, group_norms))
-            else:
-                results.append(self._measure_group(group, state, group_norms))
+        # Grouped by device and dtype once per step: the norm pass uses it, and so does
+        # the scaling pass when one parameter group holds every gradient.
+        groups = group_tensors(every)
+        self._step_grads, self._step_groups = every, groups
+        try:
+            norms = self._tensor_norms(grouped, every, groups)
+            if grad_scale is not None:
+                norms = norms / grad_scale.to(norms.device, norms.dtype)
+            total_norm = total_norm_of(norms, p)
+            if self.nonfinite == "raise":
+                raise_if_nonfinite(self._named_grads(), norms, total_norm)
+            self.step += 1
+            results: list[GroupResult] = []
+            offset = 0
+            for group, state, grads in zip(self.param_groups, self.state, grouped):
+                if not grads:
+                    continue
+                _to_device(state, norms.device)
+                group_norms = norms if grads is every else norms[offset : offset + len(grads)]
+                offset += len(grads)
+                if apply:
+                    results.append(self._clip_group(group, state, grads, group_norms))
+                else:
+                    results.append(self._measure_group(group, state, group_norms))
+        finally:
+            self._step_grads = self._step_groups = None
         if len(results) == 1:
             threshold, clipped_norm = results[0].threshold, results[0].clipped_norm
+            clipped = results[0].clipped
         else:
             threshold = total_norm_of(torch.stack([r.threshold for r in results]), p)
             clipped_norm = total_norm_of(torch.stack([r.clipped_norm for r in results]), p)
-        clipped = torch.stack([r.clipped for r in results]).any()
+            clipped = torch.stack([r.clipped for r in results]).any()
         finite = torch.isfinite(total_norm)
         if self.nonfinite == "zero":
             zero_if_nonfinite_(every, total_norm)
@@ -265,8 +290,47 @@ class Clipper:
             finite=finite,
             step=torch.tensor(self.step, device=total_norm.device),
             norms=norms,
-            params=tuple(p for g in self.param_groups for p in g["params"] if p.grad is not None),
+            params=self._all_params if complete else self._params_with_grads(),
         )
+
+    def _bound_grads(self) -> tuple[list[list[Tensor]], bool]:
+        """Each group's gradients (parameters without one skipped), and whether all had one.
+
+        This runs every step over every parameter, so it keeps per-tensor work in C
+        (``map`` over attribute getters) where it can.
+
+        Raises:
+            ValueError: a gradient is not a strided (dense) tensor.
+        """
+        grouped: list[list[Tensor]] = []
+        complete = True
+        for group in self.param_groups:
+            grads: list[Any] = list(map(_GRAD, group["params"]))
+            if _NONE_TYPE in set(map(type, grads)):
+                complete = False
+                grads = [g for g in grads if g is not None]
+            if any(g.layout is not torch.strided for g in grads):
+                collect_grads(list(zip(group["names"], group["params"])))  # raises, naming it
+            grouped.append(grads)
+        return grouped, complete
+
+    def _step_groups_of(self, grads: list[Tensor]) -> Groups | None:
+        """The device/dtype grouping of ``grads`` if this step already computed it.
+
+        Inside ``clip_()``, a strategy whose parameter group holds every bound gradient
+        passes this to the scaling functions and saves a second grouping pass.
+        """
+        return self._step_groups if grads is self._step_grads else None
+
+    @property
+    def _all_params(self) -> tuple[Tensor, ...]:
+        """Every bound parameter, in order (cached; :meth:`add_param_group` resets it)."""
+        if self._params_cache is None:
+            self._params_cache = tuple(p for g in self.param_groups for p in g["params"])
+        return self._params_cache
+
+    def _params_with_grads(self) -> tuple[Tensor, ...]:
+        return tuple(p for g in self.param_groups for p in g["params"] if p.grad is not None)
 
     @staticmethod
     def keep_if_finite(finite: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -442,7 +506,8 @@ class GlobalNormClipper(Clipper):
         self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
     ) -> GroupResult:
         result = self._measure_group(group, state, norms)
-        scale_grads_(grads, cast(Tensor, result.scale))  # always set by _measure_group
+        scale = cast(Tensor, result.scale)  # always set by _measure_group
+        scale_grads_(grads, scale, groups=self._step_groups_of(grads))
         return result
 
     def _measure_group(self, group: ParamGroup, state: State, norms: Tensor) -> GroupResult:
@@ -474,16 +539,12 @@ def _as_groups(params: ParamsLike | Iterable[dict[str, Any]]) -> list[dict[str, 
     return [{"params": items}]
 
 
+_GRAD = operator.attrgetter("grad")
+_NONE_TYPE = type(None)
+
+
 def _named(item: object, index: int) -> tuple[str, Tensor]:
     return split_named(item, index, "params")
-
-
-def _grads_of(group: ParamGroup) -> list[Tensor]:
-    grads = [p.grad for p in group["params"] if p.grad is not None]
-    for grad in grads:
-        if grad.layout is not torch.strided:
-            collect_grads(list(zip(group["names"], group["params"])))  # raises, naming it
-    return grads
 
 
 def _to_device(state: State, device: torch.device) -> None:
