@@ -28,7 +28,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradclip.clippers.autoclip import AutoClip
+import gradclip._sync
+from gradclip.clippers.autoclip import (
+    AutoClip,
+    _percentile_from_table,
+    _percentile_of_sorted,
+    _window_ranks,
+)
 from gradclip.spec import from_spec
 from sync_guard import no_host_sync
 
@@ -138,6 +144,58 @@ def test_window_matches_numpy_on_the_last_window_norms(kind: str, window: int) -
     total, thresholds = drive(AutoClip([param], 10, window=window), param, norms)
     expected = paper_thresholds(total, 10, window=window)
     np.testing.assert_allclose(thresholds, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "window"])
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_host_path_is_bit_identical_to_the_branch_free_path(
+    monkeypatch: pytest.MonkeyPatch, mode: str, include_current: bool, dtype: torch.dtype
+) -> None:
+    # On CPU the window and full modes read the count on the host; an accelerator takes
+    # the branch-free path. Both must give the same thresholds, gradients and state,
+    # through NaN steps, ties, the window's wrap-around and the full history's growth.
+    norms = heavy_tailed("ties", 150, seed=3)
+    norms[[4, 40, 41, 99]] = [math.nan, math.inf, math.nan, math.nan]
+
+    def run(on_host: bool) -> tuple[list[torch.Tensor], dict[str, object]]:
+        monkeypatch.setattr(gradclip._sync, "branch_on_cpu", on_host)
+        param = one_param(dtype)
+        clipper = AutoClip([param], 30, history=mode, window=7, include_current=include_current)
+        seen = []
+        for n in norms:
+            param.grad = torch.tensor([n], dtype=dtype)
+            stats = clipper.clip_()
+            seen += [stats.threshold, stats.scale, param.grad.clone()]
+        return seen, clipper.state_dict()
+
+    (host, host_state), (device, device_state) = run(True), run(False)
+    for a, b in zip(host, device, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert host_state["step"] == device_state["step"]
+    torch.testing.assert_close(host_state["state"], device_state["state"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("window", [1, 2, 7, 1000])
+@pytest.mark.parametrize("q", [0.1, 1 / 3, 0.9, 0.999])
+def test_window_rank_table_is_bit_identical_to_the_direct_percentile(
+    dtype: torch.dtype, window: int, q: float
+) -> None:
+    # The window mode looks up, per count, what _percentile_of_sorted computes.
+    values = torch.sort(torch.rand(window, dtype=dtype, generator=torch.Generator().manual_seed(0)))
+    table = _window_ranks(window, q, torch.device("cpu"), dtype)
+    for count in range(window + 1):
+        filled = values.values.clone()
+        filled[count:] = math.inf  # unfilled ring slots sort last as +inf
+        got = _percentile_from_table(filled, torch.tensor(count), table)
+        want = _percentile_of_sorted(filled, torch.tensor(count), q)
+        assert torch.equal(got, want), (count, got, want)
+        if count:
+            ref = np.percentile(filled[:count].numpy(), 100 * q)
+            np.testing.assert_allclose(
+                got.numpy(), ref, rtol=1e-6 if dtype == torch.float32 else 1e-12
+            )
 
 
 @pytest.mark.parametrize("mode", ["full", "window"])
