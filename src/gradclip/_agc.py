@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradclip import _sync
 from gradclip._foreach import group_tensors
+from gradclip._foreach import mul_ as foreach_mul_
 from gradclip.norms import accumulation_dtype, is_dtensor, local_tensor, tensor_norms
 
 STACK_MAX_NUMEL = 1 << 16
@@ -104,6 +106,34 @@ def unit_clip_factors(
                     )
                 )
     return out
+
+
+def scale_units_(grads: Sequence[Tensor], units: Sequence[UnitFactors]) -> None:
+    """Multiply each gradient's units by their factors, in place (``units`` index ``grads``).
+
+    On CPU, gradients whose factors are all exactly 1 are skipped (``x * 1 == x``);
+    elsewhere every gradient is multiplied, without reading the factors on the host.
+    """
+    if _sync.branch_on_host([u.factors for u in units]):
+        targets: list[Tensor] = []
+        factors: list[Tensor] = []
+        for group in units:
+            count = len(group.index)
+            flat = group.factors.reshape(count, group.factors.numel() // count)
+            needed = flat.ne(1.0).any(1).tolist()
+            if all(needed):
+                targets += [grads[k] for k in group.index]
+                factors += group.factors.unbind(0)
+            elif any(needed):
+                chosen = [j for j, need in enumerate(needed) if need]
+                targets += [grads[group.index[j]] for j in chosen]
+                # index_select, not advanced indexing: the latter wakes a second thread.
+                factors += group.factors.index_select(0, torch.tensor(chosen)).unbind(0)
+        if targets:
+            foreach_mul_(targets, factors, foreach=None)
+    else:
+        targets = [grads[k] for group in units for k in group.index]
+        foreach_mul_(targets, [f for group in units for f in group.factors.unbind(0)], foreach=None)
 
 
 def sharded_unit_clip_factors(

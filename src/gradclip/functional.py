@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from gradclip import _sync
-from gradclip._agc import sharded_unit_clip_factors, unit_clip_factors
+from gradclip._agc import scale_units_, sharded_unit_clip_factors, unit_clip_factors
 from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
@@ -341,28 +341,7 @@ def clip_grad_agc_(
     total_norm = total_norm_of(norms, 2.0)
     if policy == "raise":
         raise_if_nonfinite(grads, norms, total_norm)
-    stacked = [group.factors for group in groups]
-    if _sync.branch_on_host(stacked):
-        # On CPU, skip the gradients whose factors are all exactly 1 (x * 1 == x).
-        targets: list[Tensor] = []
-        factors: list[Tensor] = []
-        for group in groups:
-            count = len(group.index)
-            flat = group.factors.reshape(count, group.factors.numel() // count)
-            needed = flat.ne(1.0).any(1).tolist()
-            if all(needed):
-                targets += [local_grads[k] for k in group.index]
-                factors += group.factors.unbind(0)
-            elif any(needed):
-                chosen = [j for j, need in enumerate(needed) if need]
-                targets += [local_grads[group.index[j]] for j in chosen]
-                # index_select, not advanced indexing: the latter wakes a second thread.
-                factors += group.factors.index_select(0, torch.tensor(chosen)).unbind(0)
-        if targets:
-            foreach_mul_(targets, factors, foreach=None)
-    else:
-        targets = [local_grads[k] for k in order]
-        foreach_mul_(targets, [f for group in stacked for f in group.unbind(0)], foreach=None)
+    scale_units_(local_grads, groups)
     if policy == "zero":
         zero_if_nonfinite_(grads.grads, total_norm)
     return total_norm

@@ -40,19 +40,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from gradclip import _sync
-from gradclip._agc import sharded_unit_clip_factors, unit_clip_factors
-from gradclip._foreach import mul_ as foreach_mul_
+from gradclip._agc import (
+    UnitFactors,
+    scale_units_,
+    sharded_unit_clip_factors,
+    unit_clip_factors,
+)
+from gradclip._foreach import Groups
 from gradclip._params import ParamsLike, check_threshold
 from gradclip.clippers.base import Clipper, GroupResult, ParamGroup, State
 from gradclip.functional import _check_units_whole
-from gradclip.norms import any_dtensor, globalize_norms, local_views, total_norm_of
+from gradclip.norms import any_dtensor, globalize_norms, local_views, tensor_norms, total_norm_of
 
 __all__ = ["AGC", "Exclude", "final_classifier_names"]
 
@@ -128,6 +133,8 @@ class AGC(Clipper):
             norm_type=2.0,
             nonfinite=nonfinite,
         )
+        self._step_units: dict[int, _GroupUnits] = {}
+        """This ``clip_()`` call's units per group (by ``id``), from ``_tensor_norms``."""
         default = _check_exclude(exclude)
         if isinstance(default, tuple):
             _require_matches(default, [n for g in self.param_groups for n in g["names"]])
@@ -159,73 +166,148 @@ class AGC(Clipper):
             if not excluded:
                 _check_units_whole(name, p)
 
+    def _tensor_norms(
+        self, grouped: list[list[Tensor]], every: list[Tensor], groups: Groups
+    ) -> Tensor:
+        """Per-tensor norms from the unit norms: AGC reads each gradient once, not twice.
+
+        ``‖G‖² = Σ_i ‖G_i‖²`` over the units, so the base class's norm pass would read
+        the gradients again for values already at hand (equal up to rounding).
+        Excluded parameters are measured directly. The units are kept for
+        :meth:`_clip_group`.
+        """
+        self._step_units = {}
+        pieces: list[Tensor] = []
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in every) else torch.float32
+        for group, grads in zip(self.param_groups, grouped):
+            if grads:
+                units = self._step_units[id(group)] = _GroupUnits.of(group, grads)
+                pieces.append(units.norms(dtype, every[0].device))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     def _clip_group(
         self, group: ParamGroup, state: State, grads: list[Tensor], norms: Tensor
     ) -> GroupResult:
-        present = [
-            (p, excluded)
-            for p, excluded in zip(group["params"], group["excluded"])
-            if p.grad is not None
-        ]
-        keep = [k for k, (_, excluded) in enumerate(present) if not excluded]
-        if not keep:
+        step = self._step_units.pop(id(group), None)
+        if step is None or step.grads is not grads:  # not from this clip_() call
+            step = _GroupUnits.of(group, grads)
+        if not step.keep:
             inf = torch.full((), math.inf, dtype=norms.dtype, device=norms.device)
             none = torch.zeros((), dtype=torch.bool, device=norms.device)
             return GroupResult(inf, total_norm_of(norms, 2.0), none)
-        kept = [grads[k] for k in keep]
-        weights = [present[k][0] for k in keep]
+        units = step.units
+        scale_units_(step.local_grads, units)
+
+        # A tensor none of whose units was scaled keeps its measured norm exactly (the
+        # unit norms would give it again up to rounding, and scale could exceed 1).
+        pre_kept = norms if len(step.keep) == len(grads) else norms[step.keep]
+        scaled = step.per_tensor([u.factors < 1.0 for u in units], "any", norms)
+        from_units = step.per_tensor([u.unit_norms * u.factors for u in units], "norm", norms)
+        clipped_kept = torch.where(scaled, torch.minimum(from_units, pre_kept), pre_kept)
+        bounds = step.per_tensor([u.bounds for u in units], "norm", norms)
+        if len(step.keep) == len(grads):
+            clipped_norms = clipped_kept
+        else:
+            where = torch.tensor(step.keep, device=norms.device)
+            clipped_norms = norms.index_copy(0, where, clipped_kept)
+        clipped = scaled.any()
+        return GroupResult(total_norm_of(bounds, 2.0), total_norm_of(clipped_norms, 2.0), clipped)
+
+
+@dataclass
+class _GroupUnits:
+    """A parameter group's AGC units for one step (see :meth:`AGC._tensor_norms`).
+
+    Attributes:
+        grads: the group's gradients (parameters without one skipped).
+        keep: the positions in ``grads`` of the gradients AGC clips (not excluded).
+        kept: those gradients; ``local_grads``: the same, DTensors as local shards.
+        units: the unit factors, by shape; their ``index`` refers to ``kept``.
+        sharded: whether DTensors are involved (per-tensor values are reduced globally).
+        inverse: the permutation from the units' order back to ``kept``'s, or None.
+    """
+
+    grads: list[Tensor]
+    keep: list[int]
+    kept: list[Tensor]
+    local_grads: list[Tensor]
+    units: list[UnitFactors]
+    sharded: bool
+    inverse: Tensor | None
+
+    @classmethod
+    def of(cls, group: ParamGroup, grads: list[Tensor]) -> _GroupUnits:
+        """Unit norms and factors of ``grads``, the gradients of ``group``'s parameters."""
+        params: list[Tensor] = group["params"]
+        excluded: tuple[bool, ...] = group["excluded"]
+        if len(grads) != len(params):  # some parameters have no gradient
+            present = [(p, e) for p, e in zip(params, excluded) if p.grad is not None]
+            params, excluded = [p for p, _ in present], tuple(e for _, e in present)
+        if not any(excluded):
+            keep, kept, weights = list(range(len(grads))), grads, params
+        else:
+            keep = [k for k, e in enumerate(excluded) if not e]
+            kept, weights = [grads[k] for k in keep], [params[k] for k in keep]
+        if not keep:
+            return cls(grads, [], [], [], [], False, None)
         sharded = any_dtensor(kept) or any_dtensor(weights)
+        clip_factor, eps = group["clip_factor"], group["eps"]
         if sharded:
             # Scaling is linear: the summands of a Partial gradient may be scaled.
             local_grads = local_views(kept)
-            units = sharded_unit_clip_factors(weights, kept, group["clip_factor"], group["eps"])
+            units = sharded_unit_clip_factors(weights, kept, clip_factor, eps)
         else:
             local_grads = kept
-            units = unit_clip_factors(weights, kept, group["clip_factor"], group["eps"])
-
-        factors = [u.factors for u in units]
-        if not (_sync.branch_on_host(factors) and all(bool((f == 1.0).all()) for f in factors)):
-            targets = [local_grads[k] for u in units for k in u.index]
-            foreach_mul_(targets, [f for u in units for f in u.factors.unbind(0)], foreach=None)
-
-        # Per-tensor values from the units, in the order of `kept`.
+            units = unit_clip_factors(weights, kept, clip_factor, eps)
         order = [k for u in units for k in u.index]
-        inverse: Tensor | None = None
+        inverse = None
         if order != sorted(order):
             positions = [0] * len(order)
             for position, k in enumerate(order):
                 positions[k] = position
-            inverse = torch.tensor(positions, device=norms.device)
+            inverse = torch.tensor(positions)
+        return cls(grads, keep, kept, local_grads, units, sharded, inverse)
 
-        def per_tensor(values: list[Tensor], reduce: str) -> Tensor:
-            rows = [
-                v.square().reshape(len(u.index), -1).sum(1)
-                if reduce == "norm"
-                else v.reshape(len(u.index), -1).any(1)
-                for v, u in zip(values, units)
-            ]
-            out = torch.cat([r.to(norms.device) for r in rows])
-            out = out if inverse is None else out.index_select(0, inverse)
-            if not sharded:
-                return out if reduce != "norm" else out.to(norms.dtype).sqrt()
-            if reduce != "norm":  # a unit scaled on any rank's shard counts on every rank
-                return globalize_norms(kept, out.to(norms.dtype), math.inf) > 0
-            return globalize_norms(kept, out.to(norms.dtype).sqrt(), 2.0)
+    def _in_kept_order(self, rows: list[Tensor], device: torch.device) -> Tensor:
+        out = torch.cat([r.to(device) for r in rows])
+        return out if self.inverse is None else out.index_select(0, self.inverse.to(device))
 
-        # A tensor none of whose units was scaled keeps its measured norm exactly (the
-        # unit norms would give it again up to rounding, and scale could exceed 1).
-        pre_kept = norms if len(keep) == len(present) else norms[keep]
-        scaled = per_tensor([u.factors < 1.0 for u in units], "any")
-        from_units = per_tensor([u.unit_norms * u.factors for u in units], "norm")
-        clipped_kept = torch.where(scaled, torch.minimum(from_units, pre_kept), pre_kept)
-        bounds = per_tensor([u.bounds for u in units], "norm")
-        if len(keep) == len(present):
-            clipped_norms = clipped_kept
-        else:
-            where = torch.tensor(keep, device=norms.device)
-            clipped_norms = norms.index_copy(0, where, clipped_kept)
-        clipped = scaled.any()
-        return GroupResult(total_norm_of(bounds, 2.0), total_norm_of(clipped_norms, 2.0), clipped)
+    def per_tensor(self, values: list[Tensor], reduce: str, like: Tensor) -> Tensor:
+        """Per kept gradient: the norm of its units' ``values`` (``"norm"``), or any set."""
+        rows = [
+            v.square().reshape(len(u.index), -1).sum(1)
+            if reduce == "norm"
+            else v.reshape(len(u.index), -1).any(1)
+            for v, u in zip(values, self.units)
+        ]
+        out = self._in_kept_order(rows, like.device)
+        if reduce != "norm":
+            # A unit scaled on any rank's shard counts on every rank.
+            return (
+                globalize_norms(self.kept, out.to(like.dtype), math.inf) > 0
+                if self.sharded
+                else out
+            )
+        norms = out.to(like.dtype).sqrt()
+        return globalize_norms(self.kept, norms, 2.0) if self.sharded else norms
+
+    def norms(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Each of ``grads``' pre-clip norm (excluded ones measured directly)."""
+        if self.keep:
+            squares = self._in_kept_order([u.squares for u in self.units], device)
+            kept = squares.to(dtype).sqrt()
+            if self.sharded:
+                kept = globalize_norms(self.kept, kept, 2.0)
+            if len(self.keep) == len(self.grads):
+                return kept
+        chosen = set(self.keep)
+        others = [k for k in range(len(self.grads)) if k not in chosen]
+        out = torch.empty(len(self.grads), dtype=dtype, device=device)
+        measured = tensor_norms([self.grads[k] for k in others], 2.0).to(device, dtype)
+        out.index_copy_(0, torch.tensor(others, device=device), measured)
+        if self.keep:
+            out.index_copy_(0, torch.tensor(self.keep, device=device), kept)
+        return out
 
 
 def final_classifier_names(model: nn.Module) -> list[str]:
