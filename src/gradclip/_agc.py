@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradclip import _sync
-from gradclip._foreach import group_tensors
+from gradclip._foreach import Groups, group_tensors
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip.norms import accumulation_dtype, is_dtensor, local_tensor, tensor_norms
 
@@ -58,7 +58,12 @@ class UnitFactors:
 
 
 def unit_clip_factors(
-    params: Sequence[Tensor], grads: Sequence[Tensor], clip_factor: float, eps: float
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    clip_factor: float,
+    eps: float,
+    *,
+    groups: Groups | None = None,
 ) -> list[UnitFactors]:
     """AGC's per-unit factors for local (plain) tensors, one entry per group of same shape.
 
@@ -67,17 +72,20 @@ def unit_clip_factors(
         grads: the gradients G, same shapes as ``params``.
         clip_factor: λ, the largest allowed ‖G_i‖ / max(‖W_i‖, eps).
         eps: the floor on weight norms.
+        groups: :func:`gradclip._foreach.group_tensors` of ``grads``, if already known.
     """
-    groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
-    for (device, dtype), (members, index) in group_tensors(grads).items():
+    by_shape: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
+    if groups is None:
+        groups = group_tensors(grads)
+    for (device, dtype), (members, index) in groups.items():
         shapes = list(map(_SHAPE, members))
         if shapes.count(shapes[0]) == len(shapes):  # one shape: no Python loop
-            groups[(device, dtype, shapes[0])] = index
+            by_shape[(device, dtype, shapes[0])] = index
             continue
         for k, shape in zip(index, shapes):
-            groups.setdefault((device, dtype, shape), []).append(k)
+            by_shape.setdefault((device, dtype, shape), []).append(k)
     out: list[UnitFactors] = []
-    for (_, dtype, shape), index in groups.items():
+    for (_, dtype, shape), index in by_shape.items():
         accum = accumulation_dtype(dtype)
         if len(index) > 1 and torch.Size(shape).numel() <= STACK_MAX_NUMEL:
             ws = [params[k] for k in index]

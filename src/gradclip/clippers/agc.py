@@ -178,10 +178,11 @@ class AGC(Clipper):
         """
         self._step_units = {}
         pieces: list[Tensor] = []
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in every) else torch.float32
+        dtype = torch.float64 if any(d == torch.float64 for _, d in groups) else torch.float32
         for group, grads in zip(self.param_groups, grouped):
             if grads:
-                units = self._step_units[id(group)] = _GroupUnits.of(group, grads)
+                known = groups if grads is every else None
+                units = self._step_units[id(group)] = _GroupUnits.of(group, grads, known)
                 pieces.append(units.norms(dtype, every[0].device))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -236,8 +237,13 @@ class _GroupUnits:
     inverse: Tensor | None
 
     @classmethod
-    def of(cls, group: ParamGroup, grads: list[Tensor]) -> _GroupUnits:
-        """Unit norms and factors of ``grads``, the gradients of ``group``'s parameters."""
+    def of(
+        cls, group: ParamGroup, grads: list[Tensor], groups: Groups | None = None
+    ) -> _GroupUnits:
+        """Unit norms and factors of ``grads``, the gradients of ``group``'s parameters.
+
+        ``groups`` is the device/dtype grouping of ``grads``, if already computed.
+        """
         params: list[Tensor] = group["params"]
         excluded: tuple[bool, ...] = group["excluded"]
         if len(grads) != len(params):  # some parameters have no gradient
@@ -246,6 +252,7 @@ class _GroupUnits:
         if not any(excluded):
             keep, kept, weights = list(range(len(grads))), grads, params
         else:
+            groups = None
             keep = [k for k, e in enumerate(excluded) if not e]
             kept, weights = [grads[k] for k in keep], [params[k] for k in keep]
         if not keep:
@@ -258,7 +265,7 @@ class _GroupUnits:
             units = sharded_unit_clip_factors(weights, kept, clip_factor, eps)
         else:
             local_grads = kept
-            units = unit_clip_factors(weights, kept, clip_factor, eps)
+            units = unit_clip_factors(weights, kept, clip_factor, eps, groups=groups)
         order = [k for u in units for k in u.index]
         inverse = None
         if order != sorted(order):
