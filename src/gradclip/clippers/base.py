@@ -22,7 +22,6 @@ Subclasses set ``defaults`` through ``super().__init__`` and implement
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -239,7 +238,7 @@ class Clipper:
         every = grouped[0] if len(grouped) == 1 else [g for grads in grouped for g in grads]
         if not every:
             self.step += 1
-            return self._empty_stats()
+            return ClipStats.empty(self.step)
         p = self.norm_type
         # Grouped by device and dtype once per step: the norm pass uses it, and so does
         # the scaling pass when one parameter group holds every gradient.
@@ -386,19 +385,6 @@ class Clipper:
         """Every bound gradient with its parameter's name, for error messages."""
         pairs = [pair for g in self.param_groups for pair in zip(g["names"], g["params"])]
         return collect_grads(pairs, empty_generator_ok=True)
-
-    def _empty_stats(self) -> ClipStats:
-        zero = torch.tensor(0.0)
-        return ClipStats(
-            total_norm=zero,
-            threshold=torch.tensor(math.inf),
-            scale=torch.tensor(1.0),
-            clipped_norm=zero,
-            clipped=torch.tensor(False),
-            finite=torch.tensor(True),
-            step=torch.tensor(self.step),
-            norms=torch.zeros(0),
-        )
 
 
 class GlobalNormClipper(Clipper):

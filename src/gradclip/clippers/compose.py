@@ -50,7 +50,6 @@ member directly). Members may themselves be chains.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -202,7 +201,7 @@ class Chain:
                 index = torch.tensor(take, device=result.norms.device)
                 pieces.append(result.norms.index_select(0, index).to(device))
         if not pieces:
-            return self._empty_stats()
+            return ClipStats.empty(self.step)
         dtype = _common_dtype([t.dtype for t in pieces])
         norms = torch.cat([t.to(dtype) for t in pieces])
         if whole == [True]:  # one member saw every gradient first: reuse its total
@@ -289,19 +288,6 @@ class Chain:
             self._plan = _make_plan([frozenset(map(id, _bound(m))) for m in self.members])
             self._plan_key = key
         return self._plan
-
-    def _empty_stats(self) -> ClipStats:
-        zero = torch.tensor(0.0)
-        return ClipStats(
-            total_norm=zero,
-            threshold=torch.tensor(math.inf),
-            scale=torch.tensor(1.0),
-            clipped_norm=zero,
-            clipped=torch.tensor(False),
-            finite=torch.tensor(True),
-            step=torch.tensor(self.step),
-            norms=torch.zeros(0),
-        )
 
 
 def chain(*clippers: Member) -> Chain:

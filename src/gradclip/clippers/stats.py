@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -42,6 +43,21 @@ class ClipStats:
     step: Tensor
     norms: Tensor
     params: tuple[Tensor, ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def empty(cls, step: int) -> ClipStats:
+        """The record of a step with no gradient to clip (norms 0, threshold ``inf``)."""
+        zero = torch.tensor(0.0)
+        return cls(
+            total_norm=zero,
+            threshold=torch.tensor(math.inf),
+            scale=torch.tensor(1.0),
+            clipped_norm=zero,
+            clipped=torch.tensor(False),
+            finite=torch.tensor(True),
+            step=torch.tensor(step),
+            norms=torch.zeros(0),
+        )
 
     def as_dict(self) -> dict[str, float]:
         """Host copies of the scalar fields, in one transfer (a host sync)."""
