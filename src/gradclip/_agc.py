@@ -116,6 +116,33 @@ def unit_clip_factors(
     return out
 
 
+def caller_order(units: Sequence[UnitFactors]) -> Tensor | None:
+    """The permutation back to the caller's tensor order, or None if no reordering is needed.
+
+    Per-tensor values come concatenated unit group by unit group (by shape);
+    ``values.index_select(0, caller_order(units))`` puts them in the caller's order.
+    """
+    order = [k for u in units for k in u.index]
+    return None if order == sorted(order) else torch.tensor(order).argsort()
+
+
+def norms_from_units(
+    units: Sequence[UnitFactors],
+    inverse: Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Each tensor's L2 norm (of its local piece), ``sqrt(Σ_i ‖G_i‖²)``, in caller order.
+
+    ``inverse`` is :func:`caller_order` of ``units``; ``dtype``, if given, is the
+    dtype the squares are summed into before the root.
+    """
+    squares = torch.cat([u.squares.to(device) for u in units])
+    if inverse is not None:
+        squares = squares.index_select(0, inverse.to(device))
+    return (squares if dtype is None else squares.to(dtype)).sqrt()
+
+
 def scale_units_(grads: Sequence[Tensor], units: Sequence[UnitFactors]) -> None:
     """Multiply each gradient's units by their factors, in place (``units`` index ``grads``).
 

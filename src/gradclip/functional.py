@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from gradclip import _sync
-from gradclip._agc import scale_units_, sharded_unit_clip_factors, unit_clip_factors
+from gradclip._agc import (
+    caller_order,
+    norms_from_units,
+    scale_units_,
+    sharded_unit_clip_factors,
+    unit_clip_factors,
+)
 from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._foreach import mul_ as foreach_mul_
 from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
@@ -331,11 +337,7 @@ def clip_grad_agc_(
         groups = sharded_unit_clip_factors(grads.params, grads.grads, clip_factor, eps)
     else:
         groups = unit_clip_factors(grads.params, grads.grads, clip_factor, eps)
-    order = [k for group in groups for k in group.index]
-    squares = torch.cat([group.squares.to(groups[0].squares.device) for group in groups])
-    if order != sorted(order):
-        squares = squares.index_select(0, torch.tensor(order).argsort().to(squares.device))
-    norms = squares.sqrt()
+    norms = norms_from_units(groups, caller_order(groups), groups[0].squares.device)
     if has_dtensor and any_dtensor(grads.grads):
         norms = globalize_norms(grads.grads, norms, 2.0)
     total_norm = total_norm_of(norms, 2.0)

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from gradclip._agc import (
     UnitFactors,
+    caller_order,
+    norms_from_units,
     scale_units_,
     sharded_unit_clip_factors,
     unit_clip_factors,
@@ -266,18 +268,7 @@ class _GroupUnits:
         else:
             local_grads = kept
             units = unit_clip_factors(weights, kept, clip_factor, eps, groups=groups)
-        order = [k for u in units for k in u.index]
-        inverse = None
-        if order != sorted(order):
-            positions = [0] * len(order)
-            for position, k in enumerate(order):
-                positions[k] = position
-            inverse = torch.tensor(positions)
-        return cls(grads, keep, kept, local_grads, units, sharded, inverse)
-
-    def _in_kept_order(self, rows: list[Tensor], device: torch.device) -> Tensor:
-        out = torch.cat([r.to(device) for r in rows])
-        return out if self.inverse is None else out.index_select(0, self.inverse.to(device))
+        return cls(grads, keep, kept, local_grads, units, sharded, caller_order(units))
 
     def per_tensor(self, values: list[Tensor], reduce: str, like: Tensor) -> Tensor:
         """Per kept gradient: the norm of its units' ``values`` (``"norm"``), or any set."""
@@ -287,7 +278,9 @@ class _GroupUnits:
             else v.reshape(len(u.index), -1).any(1)
             for v, u in zip(values, self.units)
         ]
-        out = self._in_kept_order(rows, like.device)
+        out = torch.cat([r.to(like.device) for r in rows])
+        if self.inverse is not None:
+            out = out.index_select(0, self.inverse.to(like.device))
         if reduce != "norm":
             # A unit scaled on any rank's shard counts on every rank.
             return (
@@ -301,8 +294,7 @@ class _GroupUnits:
     def norms(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Each of ``grads``' pre-clip norm (excluded ones measured directly)."""
         if self.keep:
-            squares = self._in_kept_order([u.squares for u in self.units], device)
-            kept = squares.to(dtype).sqrt()
+            kept = norms_from_units(self.units, self.inverse, device, dtype)
             if self.sharded:
                 kept = globalize_norms(self.kept, kept, 2.0)
             if len(self.keep) == len(self.grads):
