@@ -276,28 +276,32 @@ class AutoClip(GlobalNormClipper):
         if group["history"] == "window":
             ring = _as_dtype(state, "ring", norm.dtype)
             size = ring.numel()
-            if not group["include_current"]:
-                before = _host_percentile(ring, min(count, size), q, select=True)
-            if record:
+
+            def percentile(n: int) -> Tensor:
+                return _host_percentile(ring, min(n, size), q, select=True)
+
+            def insert() -> None:
                 ring[count % size] = value
-            threshold = (
-                before
-                if not group["include_current"]
-                else _host_percentile(ring, min(count + record, size), q, select=True)
-            )
+
         else:
             history = self._full_history(state, norm.dtype)
-            if not group["include_current"]:
-                before = _host_percentile(history, count, q)
-            if record:
+
+            def percentile(n: int) -> Tensor:
+                return _host_percentile(history, n, q)
+
+            def insert() -> None:
                 slot = int(torch.searchsorted(history[:count], value.reshape(1)))
                 history[slot + 1 : count + 1] = history[slot:count].clone()
                 history[slot] = value
-            threshold = (
-                before
-                if not group["include_current"]
-                else _host_percentile(history, count + record, q)
-            )
+
+        if group["include_current"]:
+            if record:
+                insert()
+            threshold = percentile(count + record)
+        else:  # the earlier norms only
+            threshold = percentile(count)
+            if record:
+                insert()
         if record:
             state["count"] = state["count"] + 1
         return threshold
