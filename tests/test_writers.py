@@ -219,6 +219,110 @@ def test_a_line_cut_short_is_ignored(tmp_path: Path) -> None:
     assert read_log(path).steps == [1]
 
 
+# The complete lines a writer left (steps 1 and 2), a row a crash cut short (step 3), and
+# what a writer appends for steps 3 and 4 (total norms 1.5 and 2.0).
+CUT_LOGS = {
+    "csv": ("step,total_norm\n1,0.5\n2,0.25\n", "3,0.1", "3,1.5\n4,2.0\n"),
+    "jsonl": ('{"step": 1, "total_norm": 0.5}\n{"step": 2, "total_norm": 0.25}\n',
+              '{"step": 3, "total_norm": 0.',
+              '{"step": 3, "total_norm": 1.5}\n{"step": 4, "total_norm": 2.0}\n'),
+}  # fmt: skip
+FILE_WRITERS = {"csv": CSVWriter, "jsonl": JSONLWriter}
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_resuming_after_a_cut_short_line_drops_it_and_appends_on_a_new_line(
+    tmp_path: Path, kind: str
+) -> None:
+    complete, cut, appended = CUT_LOGS[kind]
+    path = tmp_path / f"run.{kind}"
+    path.write_text(complete + cut)
+    writer = FILE_WRITERS[kind](path)
+    writer.write(LogBlock(("step", "total_norm"), [[3, 1.5], [4, 2.0]]))
+    writer.close()
+    log = read_log(path)
+    assert log.steps == [1, 2, 3, 4]  # every complete step, then the appended ones
+    assert log.values["total_norm"] == [0.5, 0.25, 1.5, 2.0]
+    assert path.read_text() == complete + appended
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_resuming_a_file_that_ends_with_a_newline_changes_nothing_in_it(
+    tmp_path: Path, kind: str
+) -> None:
+    complete, _, _ = CUT_LOGS[kind]
+    path = tmp_path / f"run.{kind}"
+    path.write_text(complete)
+    writer = FILE_WRITERS[kind](path)
+    writer.write(LogBlock(("step", "total_norm"), [[3, 1.5]]))
+    writer.close()
+    assert path.read_text().startswith(complete)
+    assert read_log(path).steps == [1, 2, 3]
+
+
+def test_resuming_through_a_monitor_after_a_cut_row(tmp_path: Path) -> None:
+    """A monitor's CSV cut in its third row; the resumed monitor continues from step 3."""
+    net = model()
+    with GradMonitor(net, log_every=4, writers=CSVWriter(tmp_path / "m.csv")) as monitor:
+        train(monitor, net, 4)
+    lines = (tmp_path / "m.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "m.csv").write_text("".join(lines[:3]) + lines[3][:9])  # header, 1, 2, cut 3
+    with GradMonitor(net, log_every=4, writers=CSVWriter(tmp_path / "m.csv")) as monitor:
+        monitor.step = 2
+        train(monitor, net, 3)
+    log = read_log(tmp_path / "m.csv")
+    assert log.steps == [1, 2, 3, 4, 5]
+    assert log.columns == monitor.columns
+
+
+def test_a_cut_short_csv_header_is_replaced_by_the_whole_header(tmp_path: Path) -> None:
+    path = tmp_path / "run.csv"
+    path.write_text("step,tot")
+    writer = CSVWriter(path)
+    writer.write(LogBlock(("step", "total_norm"), [[1, 0.5]]))
+    writer.close()
+    assert path.read_text() == "step,total_norm\n1,0.5\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.csv", "hello", r"already holds a log with other columns \(1 columns, first \['hello'\]\)"),
+        ("other.csv", "a,b\n1,2\n3,", r"already holds a log with other columns \(2 columns"),
+        ("notes.jsonl", "hello", "ends with a partial line that is not a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_file_that_is_not_such_a_log_is_refused_and_left_as_it_was(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    writer = FILE_WRITERS[name.rsplit(".", 1)[1]](path)
+    with pytest.raises(ValueError, match=message):
+        writer.write(LogBlock(("step", "total_norm"), [[1, 0.5]]))
+    writer.close()
+    assert path.read_text() == content
+
+
+def test_a_binary_file_is_refused_by_the_csv_writer(tmp_path: Path) -> None:
+    path = tmp_path / "bin.csv"
+    path.write_bytes(b"\xff\xfe\x00\x01\n")
+    with pytest.raises(ValueError, match="is not a text file"):
+        CSVWriter(path).write(LogBlock(("step", "total_norm"), [[1, 0.5]]))
+    assert path.read_bytes() == b"\xff\xfe\x00\x01\n"
+
+
+def test_csv_writer_formats_floats_as_its_docstring_says(tmp_path: Path) -> None:
+    """``float_digits`` digits with %g (float32 values), else repr (float64 values)."""
+    x = 0.1 + 0.2  # 0.30000000000000004: 17 significant digits
+    for digits, expected in ((9, "1,0.3,nan,inf\n"), (None, f"1,{x!r},nan,inf\n")):
+        path = tmp_path / f"{digits}.csv"
+        writer = CSVWriter(path)
+        writer.write(LogBlock(("step", "a", "b", "c"), [[1, x, math.nan, math.inf]], (), digits))
+        writer.close()
+        assert path.read_text().splitlines(keepends=True)[1] == expected
+
+
 # --- reading errors ----------------------------------------------------------------------
 
 

@@ -27,8 +27,10 @@ last flush, and the spikes found among them. Writers never see device tensors.
 **Crash safety.** The file writers append each block to an unbuffered file with a
 single ``write`` system call, so a run that dies between flushes leaves every
 flushed step in the file and no partial row; :func:`read_log` also ignores a final
-line without its newline (a write cut short by a kill). The CSV header is written
-once, when the file is new or empty.
+line without its newline (a write cut short by a kill). A file writer that resumes
+such a file first truncates it back to its last complete line (the cut row never
+was complete), so the rows it appends start on a line of their own and the log
+stays readable. The CSV header is written once, when the file is new or empty.
 """
 
 from __future__ import annotations
@@ -139,18 +141,43 @@ class _FileWriter(Writer):
         self._file: io.FileIO | None = None
         self._columns: tuple[str, ...] | None = None
 
-    def _open(self) -> tuple[io.FileIO, str]:
+    def _open(self, columns: tuple[str, ...]) -> tuple[io.FileIO, str]:
         """The open file, and its state: ``"new"``, ``"existing"`` or ``"open"``.
 
         ``"new"``: just opened and empty; ``"existing"``: just opened, not empty;
         ``"open"``: opened by an earlier call.
+
+        On the first call, a file that is not empty is checked by
+        :meth:`_check_existing` before anything in it changes; then, if its last line
+        has no newline (a write cut short by a crash), that partial line is truncated
+        away. A file holding nothing but a partial line is then empty, so ``"new"``.
         """
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = io.FileIO(self.path, "a")
-            empty = os.fstat(self._file.fileno()).st_size == 0
-            return self._file, "new" if empty else "existing"
-        return self._file, "open"
+        if self._file is not None:
+            return self._file, "open"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = io.FileIO(self.path, "a")
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                complete, tail = _complete_lines(self.path, size)
+                self._check_existing(columns, complete, tail)
+                if complete < size:
+                    os.ftruncate(f.fileno(), complete)
+                    size = complete
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        return f, "new" if size == 0 else "existing"
+
+    def _check_existing(self, columns: tuple[str, ...], complete: int, tail: bytes) -> None:
+        """Raise ValueError if a non-empty file is not a log these rows can extend.
+
+        Args:
+            columns: the block's columns.
+            complete: bytes of the file in complete (newline-terminated) lines.
+            tail: the start of the partial line after them (empty if none).
+        """
 
     def _check_columns(self, columns: tuple[str, ...]) -> None:
         if self._columns is None:
@@ -161,8 +188,7 @@ class _FileWriter(Writer):
                 f"({len(columns)} instead of {len(self._columns)}); use one writer per monitor"
             )
 
-    def _append(self, text: str) -> None:
-        f, _ = self._open()
+    def _append(self, f: io.FileIO, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
         while data:  # a regular file takes it all at once; loop in case it does not
             written = f.write(data)
@@ -182,9 +208,13 @@ class _FileWriter(Writer):
 class CSVWriter(_FileWriter):
     """Append rows to a CSV file: a header line, then one line per step.
 
-    Values are written as Python writes floats (``repr``: round-trip exact), with
-    ``nan`` and ``inf`` for NaN and infinity. A new or empty file gets the header; an
-    existing file is appended to, and must have the same header.
+    Integer columns (:data:`INT_COLUMNS`) are written as integers. Floats are written
+    with ``%.{d}g``, ``d`` being the block's ``float_digits`` (9 for the monitor's
+    float32 values: read back as float32 they are exact), or, when that is None
+    (float64 values), with ``repr``, Python's shortest round-trip form; NaN and
+    infinity are ``nan``, ``inf`` and ``-inf``. A new or empty file gets the header;
+    an existing file is appended to, and must have the same header (a last line cut
+    short by a crash is dropped first, see the module docstring).
 
     Args:
         path: the file (its directory is created).
@@ -192,7 +222,8 @@ class CSVWriter(_FileWriter):
             cannot lose flushed steps either (a process crash cannot lose them anyway).
 
     Raises:
-        ValueError: the existing file's header differs from the monitor's columns.
+        ValueError: the existing file's header differs from the monitor's columns, or
+            it is not a text file.
 
     Example:
         >>> import tempfile, os
@@ -212,12 +243,10 @@ class CSVWriter(_FileWriter):
     def write(self, block: LogBlock) -> None:
         """Append the block's rows (and the header first, if the file is empty)."""
         self._check_columns(block.columns)
-        _, state = self._open()
+        f, state = self._open(block.columns)
         out = io.StringIO()
         if state == "new":
-            csv.writer(out, lineterminator="\n").writerow(block.columns)
-        elif state == "existing":
-            self._check_header(block.columns)
+            out.write(_csv_line(block.columns))
         if block.float_digits is None:
             for row in block.rows:
                 out.write(",".join(map(repr, row)))
@@ -228,16 +257,57 @@ class CSVWriter(_FileWriter):
             for row in block.rows:
                 out.write(template % tuple(row))
                 out.write("\n")
-        self._append(out.getvalue())
+        self._append(f, out.getvalue())
 
-    def _check_header(self, columns: tuple[str, ...]) -> None:
-        with open(self.path, encoding="utf-8", newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != columns:
-            raise ValueError(
-                f"{self.path} already holds a log with other columns ({len(header)} columns, "
-                f"first {header[:3]}); write to a new file"
-            )
+    def _check_existing(self, columns: tuple[str, ...], complete: int, tail: bytes) -> None:
+        """The file's header must be ``columns`` (or, cut short, the start of it)."""
+        if complete == 0:  # not even the header line is complete
+            if _csv_line(columns).encode("utf-8").startswith(tail):
+                return
+            header = next(csv.reader([tail.decode("utf-8", "replace")]), [])
+        else:
+            try:
+                with open(self.path, encoding="utf-8", newline="") as f:
+                    header = next(csv.reader(f), [])
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{self.path} exists and is not a text file; write to a new file"
+                ) from None
+            if tuple(header) == columns:
+                return
+        raise ValueError(
+            f"{self.path} already holds a log with other columns ({len(header)} columns, "
+            f"first {header[:3]}); write to a new file"
+        )
+
+
+def _csv_line(columns: tuple[str, ...]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(columns)
+    return out.getvalue()
+
+
+_CHUNK = 1 << 16
+
+
+def _complete_lines(path: Path, size: int) -> tuple[int, bytes]:
+    """Bytes of the file in complete lines, and the start of the partial line after them.
+
+    Reads backwards from the end of the file (of ``size`` bytes) to its last newline;
+    usually the last byte.
+    """
+    with open(path, "rb") as f:
+        end, complete = size, 0
+        while end > 0:
+            start = max(0, end - _CHUNK)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                complete = start + newline + 1
+                break
+            end = start
+        f.seek(complete)
+        return complete, f.read(min(size - complete, _CHUNK))
 
 
 def _json_value(value: Value, real: str | None = None) -> str:
@@ -259,9 +329,17 @@ class JSONLWriter(_FileWriter):
     lines: ``{"event": "spike", "step": ..., "metric": ..., "value": ..., "score": ...}``
     written after the rows of their block.
 
+    Floats are written like :class:`CSVWriter` writes them (``%.{d}g`` with the
+    block's ``float_digits``, else ``repr``).
+
     Args:
-        path: the file (its directory is created); appended to if it exists.
+        path: the file (its directory is created); appended to if it exists (a last
+            line cut short by a crash is dropped first, see the module docstring).
         fsync: also ``os.fsync`` after each block.
+
+    Raises:
+        ValueError: the existing file ends with a partial line that is not the start
+            of a JSON object (not a JSONL log: nothing in it is changed).
 
     Example:
         >>> import tempfile, os
@@ -280,6 +358,7 @@ class JSONLWriter(_FileWriter):
     def write(self, block: LogBlock) -> None:
         """Append the block's rows, then its spike events."""
         self._check_columns(block.columns)
+        f, _ = self._open(block.columns)
         keys = [json.dumps(c) for c in block.columns]
         real = None if block.float_digits is None else f"%.{block.float_digits}g"
         out = io.StringIO()
@@ -293,7 +372,15 @@ class JSONLWriter(_FileWriter):
             out.write(
                 f'{head}, "value": {_json_value(e.value)}, "score": {_json_value(e.score)}}}\n'
             )
-        self._append(out.getvalue())
+        self._append(f, out.getvalue())
+
+    def _check_existing(self, columns: tuple[str, ...], complete: int, tail: bytes) -> None:
+        """A partial last line must be the start of a JSON object (a row cut short)."""
+        if tail.strip() and not tail.lstrip().startswith(b"{"):
+            raise ValueError(
+                f"{self.path} ends with a partial line that is not a JSON object "
+                f"({tail[:30]!r}); is it a JSONL log? Write to a new file"
+            )
 
 
 class TensorBoardWriter(Writer):
@@ -590,6 +677,11 @@ def as_writer(item: Writer | Callable[[dict[str, Value]], object]) -> Writer:
     """A :class:`Writer` as is; a plain callable wrapped in a :class:`CallbackWriter`."""
     if isinstance(item, Writer):
         return item
+    if isinstance(item, type) and issubclass(item, Writer):
+        raise TypeError(
+            f"writers must be Writer instances or callables; got the class {item.__name__} "
+            f"itself: create one, e.g. {item.__name__}(...)"
+        )
     if callable(item):
         return CallbackWriter(item)
     raise TypeError(f"writers must be Writer instances or callables; got {item!r}")
