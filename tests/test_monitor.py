@@ -4,7 +4,10 @@ norms, nested module aggregation, absent/non-finite gradients, flushing, no host
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +15,7 @@ from torch import nn
 import gradclip.monitor
 from gradclip.clippers.fixed import NoClip, NormClip
 from gradclip.monitor import GradMonitor
-from gradclip.writers import BASE_COLUMNS
+from gradclip.writers import BASE_COLUMNS, CSVWriter, LogBlock, Writer, read_log
 from sync_guard import no_host_sync
 
 # --- a model with nesting: a module that owns a parameter and has children too ----------
@@ -311,6 +314,49 @@ def test_loss_as_tensor_or_float_and_lr() -> None:
         GradMonitor(model).observe(loss=torch.ones(2))
 
 
+@pytest.mark.parametrize(
+    ("loss", "lr", "expected"),
+    [
+        (np.float32(1.5), np.float64(0.25), (1.5, 0.25)),
+        (np.int64(3), Fraction(1, 8), (3.0, 0.125)),
+        (torch.tensor([2.5]), torch.tensor(0.5, dtype=torch.float64), (2.5, 0.5)),
+    ],
+    ids=["numpy-floats", "numpy-int-and-fraction", "one-element-tensors"],
+)
+def test_loss_and_lr_take_any_real_number(loss: object, lr: object, expected: tuple) -> None:
+    model = Net()
+    backward(model)
+    rows = record({}, [lambda m: m.observe(loss=loss, lr=lr)], model)
+    assert (rows[0]["loss"], rows[0]["lr"]) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "x"}, "loss must be a real number or a one-element tensor; got 'x'"),
+        ({"lr": True}, "lr must be a real number or a one-element tensor; got True"),
+        ({"loss": 1 + 2j}, r"loss must be a real number .*; got \(1\+2j\)"),
+    ],
+)
+def test_loss_and_lr_that_are_not_numbers_are_type_errors(kwargs: dict, message: str) -> None:
+    model = Net()
+    backward(model)
+    with pytest.raises(TypeError, match=message):
+        GradMonitor(model).observe(**kwargs)
+
+
+def test_stats_that_are_not_clip_stats_are_a_type_error() -> None:
+    model = Net()
+    backward(model)
+    monitor = GradMonitor(model)
+    with pytest.raises(TypeError, match=r"stats must be the ClipStats a clipper's clip_\(\) "
+                       r"returned, or None; got int 3"):  # fmt: skip
+        monitor.observe(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got Tensor"):
+        monitor.observe(torch.tensor(1.0))  # type: ignore[arg-type]
+    assert monitor.step == 0
+
+
 def test_float64_gradients_are_logged_in_float64() -> None:
     model = Net().double()
     backward_64 = model(torch.randn(4, 3, dtype=torch.float64)).sum()
@@ -351,6 +397,101 @@ def test_flushes_every_log_every_steps_and_on_close() -> None:
     assert blocks[0].columns == monitor.columns
 
 
+class Broken(Writer):
+    """A writer whose write (and close) raise, like a file on a full disk."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def write(self, block: LogBlock) -> None:
+        raise OSError(f"{self.name}: no space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+        raise OSError(f"{self.name}: close failed")
+
+    def __repr__(self) -> str:
+        return f"Broken({self.name!r})"
+
+
+def test_a_failing_writer_does_not_keep_the_block_from_the_others(tmp_path: Path) -> None:
+    model = Net()
+    backward(model)
+    rows: list[dict] = []
+    first, second = Broken("first"), Broken("second")
+    csv_writer = CSVWriter(tmp_path / "log.csv")
+    monitor = GradMonitor(model, log_every=3, writers=[first, rows.append, second, csv_writer])
+    monitor.observe()
+    monitor.observe()
+    with pytest.raises(OSError, match="first: no space left on device") as info:
+        monitor.observe()  # the third step flushes
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "Broken('first')" in notes and "write()" in notes
+    assert "Broken('second') also raised in write(): OSError: second: no space" in notes
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the writers after the failing ones ran
+    assert read_log(tmp_path / "log.csv").steps == [1, 2, 3]
+    assert monitor.history.steps.tolist() == [1, 2, 3]
+    monitor.observe()  # the monitor goes on; the flushed steps are not handed out again
+    with pytest.raises(OSError, match="first: no space left on device") as info:
+        monitor.close()  # the flush's error, not the one closing the writers after it
+    assert "closing the writers then raised OSError: first: close failed" in str(
+        info.value.__notes__
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert read_log(tmp_path / "log.csv").steps == [1, 2, 3, 4]
+    assert monitor.closed and first.closed and second.closed  # every writer closed
+    assert csv_writer._file is None
+
+
+def test_every_writer_is_closed_even_if_one_close_raises(tmp_path: Path) -> None:
+    model = Net()
+    backward(model)
+
+    class Closing(Broken):
+        def write(self, block: LogBlock) -> None:
+            pass
+
+    broken, csv_writer = Closing("x"), CSVWriter(tmp_path / "log.csv")
+    monitor = GradMonitor(model, writers=[broken, csv_writer])
+    monitor.observe()
+    with pytest.raises(OSError, match="x: close failed") as info:
+        monitor.close()
+    assert "Broken('x')" in "\n".join(info.value.__notes__) and "close()" in info.value.__notes__[0]
+    assert broken.closed and csv_writer._file is None
+    assert read_log(tmp_path / "log.csv").steps == [1]
+
+
+def test_notes_without_add_note_go_to_the_same_notes_list() -> None:
+    """Python 3.10 has no ``add_note``; the fallback fills ``__notes__`` as 3.11 does."""
+
+    class NoAddNoteError(Exception):
+        add_note = None  # as on Python 3.10
+
+    error = NoAddNoteError("boom")
+    gradclip.monitor._note(error, "first")
+    gradclip.monitor._note(error, "second")
+    assert error.__notes__ == ["first", "second"]
+    with pytest.raises(NoAddNoteError, match="second"):  # pytest matches notes too
+        raise error
+
+
+def test_one_writer_or_callable_without_a_list(tmp_path: Path) -> None:
+    model = Net()
+    backward(model)
+    rows: list[dict] = []
+    with GradMonitor(model, writers=rows.append) as monitor:
+        monitor.observe()
+    assert [r["step"] for r in rows] == [1]
+    with GradMonitor(model, writers=CSVWriter(tmp_path / "one.csv")) as monitor:
+        monitor.observe()
+        monitor.observe()
+    assert read_log(tmp_path / "one.csv").steps == [1, 2]
+    with GradMonitor(model, writers=(w for w in [rows.append])) as monitor:  # any iterable
+        monitor.observe()
+    assert len(rows) == 2
+
+
 def test_flush_moves_the_block_to_the_host_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Net()
     backward(model)
@@ -380,25 +521,33 @@ def test_per_layer_false_keeps_only_the_scalar_columns() -> None:
 
 
 def test_summary_and_spikes() -> None:
+    """The summary against the norms of the gradients fed in, computed from scratch."""
     model = nn.Linear(4, 1)
     gen = torch.Generator().manual_seed(0)
     monitor = GradMonitor(model, log_every=16, modules=None, spike_window=50)
-    clipper = NormClip(model.parameters(), max_norm=2.0)
+    clipper = NormClip(model.parameters(), max_norm=1.25)  # near the median norm
+    reference: list[float] = []  # each step's pre-clip total norm, float64, from the grads
     for step in range(1, 121):
         model.zero_grad()
         x = torch.randn(32, 4, generator=gen) * (40.0 if step == 90 else 1.0)
         loss = model(x).pow(2).mean()
         loss.backward()
+        reference.append(ref_combine([ref_norm(p.grad) for p in model.parameters()]))
         monitor.observe(clipper.clip_(), loss=loss)
     summary = monitor.summary()
     assert summary.steps == 120
     assert (90, "total_norm") in {(e.step, e.metric) for e in summary.spikes}
     assert (90, "loss") in {(e.step, e.metric) for e in summary.spikes}
-    norms = sorted(monitor.history.total_norm)
-    assert summary.norm_percentiles[100.0] == norms[-1]
-    assert summary.clipped_steps == sum(1 for n in norms if n > 2.0)
-    assert summary.clip_rate == summary.clipped_steps / 120
+    assert sorted(summary.norm_percentiles) == [0.0, 10.0, 50.0, 90.0, 99.0, 100.0]
+    for q, value in summary.norm_percentiles.items():
+        assert value == pytest.approx(np.percentile(reference, q), rel=1e-5), q
+    assert all(abs(n - 1.25) > 1e-4 for n in reference)  # no step too close to call
+    expected_clipped = sum(1 for n in reference if n > 1.25)
+    assert 10 < expected_clipped < 110  # both kinds of step occur
+    assert summary.clipped_steps == expected_clipped
+    assert summary.clip_rate == expected_clipped / 120
     assert "steps: 120" in str(summary)
+    assert f"clipped: {expected_clipped} steps" in str(summary)
 
 
 # --- no host sync ------------------------------------------------------------------------
@@ -434,13 +583,30 @@ def test_observe_makes_no_host_sync(no_cpu_branch: None) -> None:
         ({"modules": 0}, ValueError, "module depth must be >= 1; got 0"),
         ({"modules": ["nope"]}, ValueError, "no monitored parameter is in module 'nope'"),
         ({"writers": [42]}, TypeError, "got 42"),
+        (
+            {"writers": 42},
+            TypeError,
+            "writers must be a Writer, a callable, or a list of them; got int 42",
+        ),
+        (
+            {"writers": "log.csv"},
+            TypeError,
+            "not a path; got 'log.csv': use "
+            r"writers=\[CSVWriter\(path\)\]",
+        ),
+        ({"writers": Path("log.csv")}, TypeError, "not a path"),
+        ({"writers": [CSVWriter]}, TypeError, "got the class CSVWriter itself: create one"),
+        ({"per_layer": "no"}, TypeError, "per_layer must be True or False; got 'no'"),
+        ({"per_layer": 1}, TypeError, "per_layer must be True or False; got 1"),
         ({"norm_type": -1.0}, ValueError, "norm_type must be > 0 or inf; got -1.0"),
         ({"spike_window": 2}, ValueError, "spike window must be an int >= 3; got 2"),
         ({"spike_threshold": 0}, ValueError, "spike threshold must be a finite number > 0; got 0"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs: dict, error: type, message: str) -> None:
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+    if "\\" not in message:  # a plain message: match it literally
+        message = message.replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(error, match=message):
         GradMonitor(Net(), **kwargs)
 
 

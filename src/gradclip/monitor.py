@@ -44,7 +44,9 @@ had a gradient, NaN/inf if one of them had a NaN/inf norm.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
+import os
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -76,6 +78,7 @@ _ABSENT = -1.0  # norms are >= 0 or NaN, so -1 marks "no gradient" unambiguously
 _CACHE_SIZE = 16
 
 ModulesArg = str | int | Sequence[str] | None
+WriterLike = Writer | Callable[[dict[str, Value]], object]
 ModelOrParams = torch.nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
 
@@ -89,9 +92,9 @@ class GradMonitor:
         log_every: steps between flushes to the host and the writers (>= 1); also
             the number of rows of the on-device buffer.
         per_layer: write the ``param/`` and ``module/`` columns (they are recorded
-            either way; the non-finite count is derived from them).
+            either way; the non-finite count is derived from them). A bool.
         writers: :class:`~gradclip.writers.Writer` instances or plain callables
-            (called with each step's record as a dict).
+            (called with each step's record as a dict); a list of them, or one.
         modules: which modules get a ``module/`` column: ``"leaf"``, a depth, a list
             of names, or None (see the module docstring).
         norm_type: the p of the norms when computing them (no ``stats``) and of the
@@ -112,7 +115,8 @@ class GradMonitor:
 
     Raises:
         ValueError: no parameters, a bad ``log_every``, an unknown module name.
-        TypeError: a writer that is neither a Writer nor callable.
+        TypeError: a writer that is neither a Writer nor callable (a path among them:
+            wrap it in a ``CSVWriter`` or ``JSONLWriter``), a non-bool ``per_layer``.
 
     Steps still in the buffer reach the writers at the next flush: call
     :meth:`close` at the end (or use the monitor as a context manager), or they are
@@ -144,7 +148,7 @@ class GradMonitor:
         *,
         log_every: int = 50,
         per_layer: bool = True,
-        writers: Iterable[Writer | Callable[[dict[str, Value]], object]] = (),
+        writers: WriterLike | Iterable[WriterLike] = (),
         modules: ModulesArg = "leaf",
         norm_type: float = 2.0,
         spike_window: int = 100,
@@ -152,6 +156,8 @@ class GradMonitor:
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be an int >= 1; got {log_every!r}")
+        if not isinstance(per_layer, bool):
+            raise TypeError(f"per_layer must be True or False; got {per_layer!r}")
         named = _named_parameters(model_or_named_parameters)
         if not named:
             raise ValueError(
@@ -161,9 +167,9 @@ class GradMonitor:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.log_every = log_every
-        self.per_layer = bool(per_layer)
+        self.per_layer = per_layer
         self.norm_type = check_norm_type(norm_type)
-        self.writers = [as_writer(w) for w in writers]
+        self.writers = _writers(writers)
         self.module_names, self._membership = _modules(self.names, modules)
         columns = list(BASE_COLUMNS)
         if self.per_layer:
@@ -198,8 +204,8 @@ class GradMonitor:
         self,
         stats: ClipStats | None = None,
         *,
-        loss: Tensor | float | None = None,
-        lr: float | Tensor | None = None,
+        loss: Tensor | float | numbers.Real | None = None,
+        lr: float | numbers.Real | Tensor | None = None,
     ) -> None:
         """Record this step. Call once per step, after clipping (or instead of it).
 
@@ -207,11 +213,14 @@ class GradMonitor:
             stats: what the clipper returned; its norms are reused. None: compute
                 the norms of the monitored gradients (one fused pass), as if nothing
                 were clipped.
-            loss: this step's loss (a tensor is recorded without a host sync).
-            lr: the learning rate.
+            loss: this step's loss: a one-element tensor (recorded without a host
+                sync) or a real number (Python or NumPy).
+            lr: the learning rate, likewise.
 
         Raises:
             RuntimeError: the monitor was closed.
+            TypeError: ``stats`` is not a ``ClipStats``, or ``loss``/``lr`` is neither
+                a number nor a tensor.
             ValueError: ``stats.norms`` and ``stats.params`` disagree in length, or
                 ``loss`` has more than one element.
         """
@@ -220,6 +229,11 @@ class GradMonitor:
         if stats is None:
             total, norms, match = self._measure()
         else:
+            if not isinstance(stats, ClipStats):
+                raise TypeError(
+                    "stats must be the ClipStats a clipper's clip_() returned, or None; "
+                    f"got {type(stats).__name__} {stats!r:.60}"
+                )
             if stats.norms.numel() != len(stats.params):
                 raise ValueError(
                     f"stats has {stats.norms.numel()} norms but {len(stats.params)} params; "
@@ -323,7 +337,12 @@ class GradMonitor:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Move the recorded steps to the host in one transfer and hand them to the writers."""
+        """Move the recorded steps to the host in one transfer and hand them to the writers.
+
+        Every writer gets the block, even when one of them raises; the first error is
+        raised after all of them ran, with a note naming its writer. The steps are
+        flushed either way (in the history, and not handed out again).
+        """
         n = self._rows
         if n == 0 or self._buffer is None:
             return
@@ -368,8 +387,7 @@ class GradMonitor:
             spikes=events,
         )  # fmt: skip
         block = LogBlock(self.columns, rows, events, float_digits)
-        for writer in self.writers:
-            writer.write(block)
+        _call_each(self.writers, "write", block)
 
     def _aggregate(self, norms: Tensor) -> Tensor:
         """Per-module norms of a block of per-parameter norms (``(rows, params)``).
@@ -414,15 +432,24 @@ class GradMonitor:
         return list(self.history.spikes)
 
     def close(self) -> None:
-        """Flush and close the writers. Idempotent."""
+        """Flush and close the writers (each of them, even if one raises). Idempotent.
+
+        If the flush raises, the writers are closed all the same and the flush's error
+        is the one raised (a note tells any error closing them).
+        """
         if self.closed:
             return
         try:
             self.flush()
-        finally:
+        except BaseException as error:
             self.closed = True
-            for writer in self.writers:
-                writer.close()
+            try:
+                _call_each(self.writers, "close")
+            except Exception as also:
+                _note(error, f"closing the writers then raised {type(also).__name__}: {also}")
+            raise
+        self.closed = True
+        _call_each(self.writers, "close")
 
     def __enter__(self) -> GradMonitor:
         return self
@@ -508,6 +535,66 @@ _IDENTITY = _Match("identity")
 _ALL_ABSENT = _Match("absent")
 
 
+def _writers(writers: Any) -> list[Writer]:
+    """The monitor's writers from one writer or callable, or an iterable of them."""
+    if isinstance(writers, Writer) or callable(writers):
+        return [as_writer(writers)]
+    if isinstance(writers, str | bytes | os.PathLike):
+        raise TypeError(
+            f"writers takes Writer instances or callables, not a path; got {writers!r}: "
+            "use writers=[CSVWriter(path)] or writers=[JSONLWriter(path)]"
+        )
+    try:
+        items = list(writers)
+    except TypeError:
+        raise TypeError(
+            "writers must be a Writer, a callable, or a list of them; "
+            f"got {type(writers).__name__} {writers!r:.60}"
+        ) from None
+    return [as_writer(w) for w in items]
+
+
+def _call_each(writers: Sequence[Writer], method: str, *args: Any) -> None:
+    """Call ``method`` of every writer; then raise the first error, if any.
+
+    One failing writer (a full disk, a buggy callback) does not keep the block from
+    the others, nor the others from closing. The error keeps its type and message; a
+    note names the writer that raised it, and any other writer that raised too.
+    """
+    first: Exception | None = None
+    for writer in writers:
+        try:
+            getattr(writer, method)(*args)
+        except Exception as error:
+            if first is None:
+                _note(error, f"raised by the monitor's writer {writer!r} in {method}()")
+                first = error
+            else:
+                _note(
+                    first,
+                    f"the writer {writer!r} also raised in {method}(): "
+                    f"{type(error).__name__}: {error}",
+                )
+    if first is not None:
+        raise first
+
+
+def _note(error: BaseException, text: str) -> None:
+    """``error.add_note(text)``; on Python 3.10, which lacks it, the same ``__notes__`` list.
+
+    Tracebacks show the notes from Python 3.11 on (and pytest matches them on 3.10).
+    """
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+        return
+    notes = getattr(error, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        setattr(error, "__notes__", notes)  # noqa: B010 - not in Python 3.10's stubs
+    notes.append(text)
+
+
 def _as_value(value: Any, nan: Tensor, name: str) -> tuple[Tensor, float | None]:
     """A device slot for the stacked row, and a host value to put in place of it."""
     if value is None:
@@ -517,8 +604,8 @@ def _as_value(value: Any, nan: Tensor, name: str) -> tuple[Tensor, float | None]
             raise ValueError(f"{name} must be a scalar; got a tensor of shape {tuple(value.shape)}")
         v = value.detach().reshape(())
         return (v if v.device == nan.device else v.to(nan.device, non_blocking=True)), None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number or a tensor; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a one-element tensor; got {value!r}")
     return nan, float(value)
 
 
