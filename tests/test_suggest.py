@@ -83,3 +83,28 @@ def test_bad_arguments_name_the_value(kwargs: dict, message: str) -> None:
     norms = kwargs.pop("norms", [1.0, 2.0])
     with pytest.raises(ValueError, match=message):
         suggest_threshold(norms, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("norms", "message"),
+    [
+        ("abc", r"norms must be a sequence of numbers or a tensor .*; got str 'abc'"),
+        (b"12", r"norms must be a sequence of numbers or a tensor .*; got bytes b'12'"),
+        (42, r"norms must be a sequence of numbers or a tensor .*; got int 42"),
+        ([1.0, "2.0"], r"norms must be numbers; norms\[1\] is str '2.0'"),
+        ([1.0, 2.0, None], r"norms must be numbers; norms\[2\] is NoneType None"),
+        ([True, 1.0], r"norms must be numbers; norms\[0\] is bool True"),
+        ([torch.ones(2)], r"norms must be numbers; norms\[0\] is Tensor"),
+    ],
+)
+def test_norms_that_are_not_numbers_are_a_type_error(norms: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        suggest_threshold(norms)  # type: ignore[arg-type]
+
+
+def test_numpy_numbers_and_scalar_tensors_are_norms() -> None:
+    values = [0.5, 1.5, 2.5, 4.0]
+    mixed = [np.float32(0.5), torch.tensor(1.5), np.float64(2.5), np.int64(4)]
+    for norms in (mixed, np.asarray(values), torch.tensor(values)):
+        (c,) = suggest_threshold(norms, mean_multiples=(), clip_fractions=())  # type: ignore[arg-type]
+        assert c.threshold == pytest.approx(np.percentile(values, 10), rel=1e-12)

@@ -27,6 +27,7 @@ left out (and counted in the rationale).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -74,8 +75,9 @@ def suggest_threshold(
     """Candidate clipping thresholds for gradients whose total norms were ``norms``.
 
     Args:
-        norms: observed pre-clip total norms (a sequence or a 1-D tensor; one host
-            transfer for a device tensor). NaN and infinite values are ignored.
+        norms: observed pre-clip total norms: real numbers (Python or NumPy) or
+            one-element tensors, or a tensor of them (one host transfer for a device
+            tensor). NaN and infinite values are ignored.
         percentiles: AutoClip percentiles, each in (0, 100].
         mean_multiples: multiples of the mean norm (Pascanu et al.), each > 0.
         clip_fractions: fractions of steps to clip, each in (0, 1).
@@ -85,6 +87,8 @@ def suggest_threshold(
         percentiles, mean multiples, clip fractions.
 
     Raises:
+        TypeError: ``norms`` is a string or not iterable, or one of them is not a
+            number (named, with its index).
         ValueError: no finite norm, or a parameter out of its range (named).
 
     References:
@@ -100,11 +104,7 @@ def suggest_threshold(
         pascanu 1.0 50.5 0.5
         clip_fraction 0.05 95.05 0.05
     """
-    values = (
-        norms.detach().double().cpu().reshape(-1).tolist()
-        if isinstance(norms, Tensor)
-        else [float(v) for v in norms]
-    )
+    values = _host_values(norms)
     finite = sorted(v for v in values if math.isfinite(v))
     dropped = len(values) - len(finite)
     if not finite:
@@ -165,3 +165,22 @@ def suggest_threshold(
             )
         )
     return out
+
+
+def _host_values(norms: object) -> list[float]:
+    """``norms`` as Python floats, or a TypeError that names what is wrong."""
+    if isinstance(norms, Tensor):
+        return norms.detach().double().cpu().reshape(-1).tolist()  # type: ignore[no-any-return]
+    if isinstance(norms, str | bytes) or not isinstance(norms, Iterable):
+        raise TypeError(
+            "norms must be a sequence of numbers or a tensor (e.g. a log's total_norm "
+            f"column); got {type(norms).__name__} {norms!r:.60}"
+        )
+    values: list[float] = []
+    for i, v in enumerate(norms):
+        one_element = isinstance(v, Tensor) and v.numel() == 1
+        if one_element or (isinstance(v, numbers.Real) and not isinstance(v, bool)):
+            values.append(float(v))
+        else:
+            raise TypeError(f"norms must be numbers; norms[{i}] is {type(v).__name__} {v!r:.60}")
+    return values
