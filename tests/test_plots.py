@@ -67,6 +67,40 @@ def test_norms_plot(tmp_path: Path) -> None:
     check_png(out, (200, 150))
 
 
+def test_norms_legend_does_not_hide_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Norms that rise all run long fill the upper right corner; the legend goes elsewhere."""
+    lines = ["step,total_norm,threshold,clipped"]
+    for s in range(1, 201):
+        norm = 0.05 * s
+        lines.append(f"{s},{norm!r},5.0,{int(norm > 5.0)}")
+    path = tmp_path / "rising.csv"
+    path.write_text("\n".join(lines) + "\n")
+    figures = []
+    import gradclip.plots
+
+    real_save = gradclip.plots._save
+    monkeypatch.setattr(
+        gradclip.plots,
+        "_save",
+        lambda fig, out, dpi: figures.append(fig) or real_save(fig, out, dpi),
+    )
+    plot_norms(read_log(path), tmp_path / "rising.png")
+    (fig,) = figures
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # lay it out again, as savefig did
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    box = legend.get_window_extent(renderer)
+    points = ax.transData.transform([(s, 0.05 * s) for s in range(1, 201)])
+    inside = [p for p in points if box.contains(*p)]
+    assert not inside, f"{len(inside)} data points under the legend at {box}"
+
+
 def test_layers_heatmap_including_binning_of_long_runs(tmp_path: Path) -> None:
     log = synthetic_log(tmp_path, steps=2500, layers=60)
     check_png(plot_layers(log, tmp_path / "layers.png", max_columns=500), (1000, 600))

@@ -98,7 +98,7 @@ def plot_norms(log: LogData, path: PathLike, *, size: Size = (10.0, 4.0), dpi: i
     ax.set_ylabel("gradient norm")
     ax.set_title("Gradient norm over training")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")  # where it hides the fewest points
     return _save(fig, path, dpi)
 
 
