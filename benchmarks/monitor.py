@@ -12,9 +12,10 @@ also calls ``GradMonitor.observe(stats)`` with per-parameter and per-module
 ("leaf") norms. The target is **(clip + block / 50) / clip <= 1.15**, where a
 *block* is 50 ``observe`` calls followed by their flush (one transfer, spike
 detection, history), timed as one call: a per-step median would hide the one step
-in 50 that flushes, and a mean over steps is noisier than a median of blocks. It
-is checked for the monitor alone (no writer) and with a CSV writer. All cases are
-interleaved round by round.
+in 50 that flushes, and a mean over steps is noisier than a median of blocks. The
+target is about monitoring, so it is checked without a writer; the same ratio with a
+CSV writer is reported as information (what formatting every value costs on top),
+with no verdict. All cases are interleaved round by round.
 
 Appends (or replaces) its section of ``benchmarks/RESULTS.md``, between markers,
 leaving the other sections alone. See :mod:`benchmarks.common` for the method.
@@ -135,19 +136,16 @@ def notes(results: Sequence[Result]) -> str:
         per_value = (s.median("block + CSV") - s.median("block")) / (LOG_EVERY * r.columns)
         costs.append(f"{per_value * 1e6:.2f} µs per value on {r.workload} ({r.columns} columns)")
     out.append(
-        "- The CSV writer's cost is Python's float formatting: "
+        "- The CSV column is information, not part of the target: the target is the cost of "
+        "monitoring, and what a writer adds depends on the writer and on how many columns "
+        "are logged. The CSV writer's cost is Python's float formatting: "
         + "; ".join(costs)
         + f"; {LOG_EVERY} rows per flush. It grows with the number of columns, one per "
         "parameter and one per module (for 500 one-tensor layers, twice 500); fewer "
         "columns (`modules=None`, a module depth, or `per_layer=False`) cost "
         "proportionally less."
     )
-    close = [
-        f"{r.workload} with {label}"
-        for r in results
-        for label, block in (("no writer", "block"), ("the CSV writer", "block + CSV"))
-        if abs(r.amortised(block) - TARGET) <= 0.05
-    ]
+    close = [r.workload for r in results if abs(r.amortised("block") - TARGET) <= 0.05]
     if close:
         out.append(
             f"- **Borderline**: {', '.join(close)} is within 0.05 of the {TARGET:.2f}× target. "
@@ -176,8 +174,7 @@ def render(results: Sequence[Result], command: str, machine: dict[str, str]) -> 
         "monitoring per step, no writer / CSV (ms)",
         "amortised ratio, no writer",
         "result",
-        "amortised ratio, CSV",
-        "result (CSV)",
+        "amortised ratio with CSV writer (info: writer cost)",
         "clip + observe, no flush: ratio (IQR)",
         "observe alone (ms, info)",
         "check",
@@ -196,8 +193,7 @@ def render(results: Sequence[Result], command: str, machine: dict[str, str]) -> 
                 f"{format_ms(s.median('block + CSV') / LOG_EVERY)}",
                 f"**{a_none:.3f}×**",
                 _verdict(a_none),
-                f"**{a_csv:.3f}×**",
-                _verdict(a_csv),
+                f"{a_csv:.3f}×",
                 f"{s.ratio('clip + observe', 'clip'):.3f} ({q1:.2f}–{q3:.2f})",
                 format_ms(s.median("observe alone")),
                 r.consistent,
@@ -231,8 +227,10 @@ the on-device buffer (this monitor never flushes during the run). A **block** is
 last call flushes: per-module ("leaf") aggregation, the one device-to-host
 transfer, spike detection, the history, and the writer (none, or a `CSVWriter` to
 `/dev/null`, which still formats every value). **amortised ratio = (clip + block /
-{LOG_EVERY}) / clip** is the cost of monitoring every step, flushes included,
-without a writer and with the CSV writer. **observe alone** is `observe()` without stats:
+{LOG_EVERY}) / clip** is the cost of monitoring every step, flushes included;
+the {TARGET:.2f}× target applies to it without a writer. With the CSV writer it is
+information: the writer's cost on top, which depends on the writer and the number of
+columns, so it gets no verdict. **observe alone** is `observe()` without stats:
 the monitor's own fused norm pass (information: monitoring without a clipper).
 **monitoring per step** is block / {LOG_EVERY}.
 "check" compares the logged per-parameter norms with
@@ -286,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print(
             f"{r.workload:34s} per step {r.samples.ratio('clip + observe', 'clip'):.3f}x, "
-            f"amortised {r.amortised('block'):.3f}x (no writer) / "
-            f"{r.amortised('block + CSV'):.3f}x (CSV), target <= {TARGET}"
+            f"amortised {r.amortised('block'):.3f}x (no writer; target <= {TARGET}), "
+            f"{r.amortised('block + CSV'):.3f}x with the CSV writer (info)"
         )
     return 0
 
