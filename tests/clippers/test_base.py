@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -262,3 +263,116 @@ def test_normclip_and_functional_bit_identical_to_torch_at_any_threshold(
     for a, b, c in zip(ours, functional, theirs):
         assert torch.equal(a.grad, c.grad)
         assert torch.equal(b.grad, c.grad)
+
+
+# -- load_state_dict checks every state tensor's shape first ---------------------------
+
+
+def snapshot(clipper: gradclip.Clipper) -> dict[str, object]:
+    """A deep copy of everything ``state_dict`` exposes, schedules included."""
+    return copy.deepcopy(clipper.state_dict())
+
+
+def assert_same(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def three(n: int = 3) -> list[torch.nn.Parameter]:
+    out = []
+    for i in range(n):
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.full((2,), float(i + 1))
+        out.append(p)
+    return out
+
+
+def stepped(clipper: gradclip.Clipper, steps: int = 3) -> gradclip.Clipper:
+    for _ in range(steps):
+        for p in clipper.param_groups[0]["params"]:
+            p.grad = torch.full_like(p, 1.5)
+        clipper.clip_()
+    return clipper
+
+
+@pytest.mark.parametrize(
+    ("saved", "target", "match"),
+    [
+        (
+            lambda: gradclip.ZClip(three(), warmup_steps=10),
+            lambda: gradclip.ZClip(three(), warmup_steps=5),
+            r"'buffer' of shape \(10,\); this ZClip expects \(5,\); it was saved with "
+            r"warmup_steps=10 \(this ZClip: 5\)",
+        ),
+        (
+            lambda: gradclip.AdaGC(three(3)),
+            lambda: gradclip.AdaGC(three(4)),
+            r"'gamma' of shape \(3,\); this AdaGC expects \(4,\); one entry per parameter: "
+            r"the checkpoint's group had 3 parameters, this one has 4",
+        ),
+        (
+            lambda: gradclip.EMARatio(three(), per_tensor=True),
+            lambda: gradclip.EMARatio(three(), per_tensor=False),
+            r"'ema' of shape \(3,\); this EMARatio expects \(\); it was saved with "
+            r"per_tensor=True \(this EMARatio: False\)",
+        ),
+        (
+            lambda: gradclip.EMARatio(three(), per_tensor=False),
+            lambda: gradclip.EMARatio(three(), per_tensor=True),
+            r"'ema' of shape \(\); this EMARatio expects \(3,\); it was saved with "
+            r"per_tensor=False",
+        ),
+    ],
+    ids=["zclip-warmup", "adagc-params", "emaratio-per-tensor", "emaratio-global"],
+)
+def test_load_state_dict_rejects_other_shapes_and_changes_nothing(saved, target, match) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = stepped(saved()).state_dict()
+    clipper, twin = stepped(target(), 2), stepped(target(), 2)
+    before = snapshot(clipper)
+    with pytest.raises(ValueError, match=match):
+        clipper.load_state_dict(checkpoint)
+    assert_same(snapshot(clipper), before)
+    # and it keeps working exactly like a twin that never saw the checkpoint
+    for c in (clipper, twin):
+        for p in c.param_groups[0]["params"]:
+            p.grad = torch.full_like(p, 40.0)
+    a, b = clipper.clip_(), twin.clip_()
+    assert torch.equal(a.threshold, b.threshold) and torch.equal(a.scale, b.scale)
+
+
+def test_load_state_dict_without_options_still_names_the_shapes() -> None:
+    checkpoint = stepped(gradclip.ZClip(three(), warmup_steps=10)).state_dict()
+    del checkpoint["options"]
+    with pytest.raises(ValueError, match=r"'buffer' of shape \(10,\); this ZClip expects \(5,\)$"):
+        gradclip.ZClip(three(), warmup_steps=5).load_state_dict(checkpoint)
+
+
+def test_a_schedule_state_that_does_not_fit_changes_nothing() -> None:
+    from gradclip.clippers.schedule import RelaxOnCalm
+
+    checkpoint = stepped(NormClip(three(), 1.0, schedule=RelaxOnCalm(window=5)), 4).state_dict()
+    clipper = stepped(NormClip(three(), 1.0, schedule=RelaxOnCalm(window=6)), 1)
+    before = snapshot(clipper)
+    with pytest.raises(ValueError, match=r"window is 6"):
+        clipper.load_state_dict(checkpoint)
+    assert_same(snapshot(clipper), before)
+    assert clipper.step == 1
+
+
+def test_growing_full_history_loads_at_any_length() -> None:
+    long = stepped(gradclip.AutoClip(three(), 50, history="full"), 70)
+    fresh = gradclip.AutoClip(three(), 50, history="full")
+    assert fresh.state[0]["sorted_history"].shape != long.state[0]["sorted_history"].shape
+    fresh.load_state_dict(long.state_dict())
+    assert_same(fresh.state_dict(), long.state_dict())

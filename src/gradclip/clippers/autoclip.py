@@ -141,6 +141,7 @@ class AutoClip(GlobalNormClipper):
     spec_name = "autoclip"
     spec_positional = "percentile"
     spec_aliases: ClassVar[Mapping[str, str]] = {"p": "percentile"}
+    growing_state: ClassVar[frozenset[str]] = frozenset({"sorted_history"})
 
     def __init__(
         self,

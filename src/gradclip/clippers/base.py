@@ -90,6 +90,8 @@ class Clipper:
     """The option a bare spec value sets (``"norm:1.0"`` sets ``max_norm``)."""
     spec_aliases: ClassVar[Mapping[str, str]] = {}
     """Short option names in specs (``{"z": "z_thresh"}``)."""
+    growing_state: ClassVar[frozenset[str]] = frozenset()
+    """State keys whose tensors grow with the step count (not shape-checked on load)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -353,8 +355,15 @@ class Clipper:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (options stay as constructed).
 
+        Everything is checked before anything is changed: on an error the clipper is
+        as it was.
+
         Raises:
-            ValueError: the number of groups or the state's keys do not match.
+            ValueError: the number of groups or the state's keys do not match, or a
+                state tensor's shape differs from this clipper's (a checkpoint saved
+                with other options, e.g. another ``warmup_steps`` or ``per_tensor``,
+                or for a group with another number of parameters); the message names
+                the tensor, both shapes and the options that explain them.
         """
         states = state_dict["state"]
         if len(states) != len(self.param_groups):
@@ -362,14 +371,58 @@ class Clipper:
                 f"state_dict has {len(states)} parameter groups; this "
                 f"{type(self).__name__} has {len(self.param_groups)}"
             )
-        for index, (mine, theirs) in enumerate(zip(self.state, states)):
+        saved_options = state_dict.get("options") or [{}] * len(states)
+        for index, (group, mine, theirs) in enumerate(zip(self.param_groups, self.state, states)):
             if set(mine) != set(theirs):
                 raise ValueError(
                     f"state_dict group {index} has keys {sorted(theirs)}; "
                     f"{type(self).__name__} expects {sorted(mine)}"
                 )
+            options = saved_options[index] if index < len(saved_options) else {}
+            self._check_state_shapes(index, group, theirs, options)
         self.state = [{k: _copy(v) for k, v in s.items()} for s in states]
         self.step = int(state_dict["step"])
+
+    def _check_state_shapes(
+        self, index: int, group: ParamGroup, theirs: Mapping[str, Any], options: Mapping[str, Any]
+    ) -> None:
+        """Raise ``ValueError`` if a saved state tensor's shape is not that of a fresh state.
+
+        Keys in :attr:`growing_state` are not checked (their length follows the step
+        count). The message names the options of the checkpoint that explain the
+        saved shape, found by building a fresh state with each differing option.
+        """
+        for key, expected in self._init_state(group).items():
+            if key in self.growing_state or not isinstance(expected, Tensor):
+                continue
+            value = theirs[key]
+            if not isinstance(value, Tensor):
+                raise ValueError(
+                    f"state_dict group {index} has {key!r} of type {type(value).__name__}; "
+                    f"{type(self).__name__} expects a tensor of shape {tuple(expected.shape)}"
+                )
+            if value.shape == expected.shape:
+                continue
+            causes = [
+                f"{name}={saved!r} (this {type(self).__name__}: {group[name]!r})"
+                for name, saved in options.items()
+                if name in group
+                and saved != group[name]
+                and _shape_with(self, group, name, saved, key) == value.shape
+            ]
+            if causes:
+                why = f"; it was saved with {', '.join(causes)}"
+            elif value.dim() == 1 and expected.shape == (len(group["params"]),):
+                why = (
+                    f"; one entry per parameter: the checkpoint's group had {value.shape[0]} "
+                    f"parameters, this one has {len(group['params'])}"
+                )
+            else:
+                why = ""
+            raise ValueError(
+                f"state_dict group {index} has {key!r} of shape {tuple(value.shape)}; this "
+                f"{type(self).__name__} expects {tuple(expected.shape)}{why}"
+            )
 
     def reset(self) -> None:
         """Forget all history: fresh state and step 0 (options are kept)."""
@@ -451,6 +504,8 @@ class GlobalNormClipper(Clipper):
                     f"state_dict group {index} has schedule state {sorted(theirs)}, but "
                     "that group of this clipper has no schedule"
                 )
+            if schedule is not None:  # check on a copy: nothing changes if a later part fails
+                copy.deepcopy(schedule).load_state_dict(theirs)
         super().load_state_dict(state_dict)
         for schedule, theirs in zip(schedules, saved):
             if schedule is not None:
@@ -531,6 +586,17 @@ _NONE_TYPE = type(None)
 
 def _named(item: object, index: int) -> tuple[str, Tensor]:
     return split_named(item, index, "params")
+
+
+def _shape_with(
+    clipper: Clipper, group: ParamGroup, name: str, value: object, key: str
+) -> torch.Size | None:
+    """The shape of ``key`` in a fresh state of ``group`` with option ``name`` set to ``value``."""
+    try:
+        tensor = clipper._init_state({**group, name: value}).get(key)
+    except Exception:  # a saved option this clipper cannot build a state from
+        return None
+    return tensor.shape if isinstance(tensor, Tensor) else None
 
 
 def _to_device(state: State, device: torch.device) -> None:
