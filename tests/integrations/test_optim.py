@@ -20,11 +20,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradclip
 import gradclip._sync
+from gradclip.clippers.adagc import AdaGC
+from gradclip.clippers.agc import AGC
 from gradclip.clippers.autoclip import AutoClip
 from gradclip.clippers.base import Clipper
+from gradclip.clippers.compose import Chain, chain
+from gradclip.clippers.emaratio import EMARatio
 from gradclip.clippers.fixed import NormClip
+from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm
 from gradclip.clippers.stats import ClipStats
 from gradclip.clippers.value import ValueClip
+from gradclip.clippers.zclip import ZClip
 from gradclip.integrations.optim import attach, clipping
 from gradclip.nonfinite import NonFiniteGradientError
 from sync_guard import no_host_sync
@@ -98,29 +104,62 @@ def grads_of(model: nn.Module) -> list[torch.Tensor]:
 # -- the "skip" policy -----------------------------------------------------------------
 
 
+CLIPPERS: dict[str, Callable[[nn.Module], Clipper | Chain]] = {
+    "norm": lambda m: NormClip(m.parameters(), MAX_NORM),
+    # Step-dependent: the threshold follows the host step count (a schedule in
+    # progress; AdaGC's warm-up), so a skipped step must not count.
+    "scheduled": lambda m: NormClip(m.parameters(), MAX_NORM, schedule=LinearWarmup(8)),
+    "adagc": lambda m: AdaGC(m.parameters(), lambda_abs=MAX_NORM, warmup_steps=3),
+    "chain": lambda m: chain(AGC(m.parameters(), 0.05), NormClip(m.parameters(), MAX_NORM)),
+    "chain-scheduled": lambda m: chain(
+        AGC(m.parameters(), 0.05), NormClip(m.parameters(), MAX_NORM, schedule=LinearWarmup(8))
+    ),
+}
+SYNC_FREE_ON_FUSED = ("norm", "chain")  # fused: skipped through found_inf, the call counts
+POISONS = {"nan": math.nan, "huge": 1e36}  # huge: finite, but its norm overflows float32
+
+
+@pytest.mark.parametrize("kind", list(CLIPPERS))
+@pytest.mark.parametrize("poison", list(POISONS))
 @pytest.mark.parametrize("amp", [False, True], ids=["plain", "grad-scaler"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_skip_is_bit_identical_to_removing_the_batch(name: str, fused: bool, amp: bool) -> None:
+def test_skip_is_bit_identical_to_removing_the_batch(
+    name: str, fused: bool, amp: bool, poison: str, kind: str
+) -> None:
     batches = make_batches(6)
-    bad = 3
+    bad = 2  # inside the warm-ups: a skip that counted as a step would shift them
     runs = []
     for poisoned in (True, False):
         model = make_model()
         opt = OPTIMIZERS[name](model.parameters(), fused)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if amp else None
-        handle = attach(opt, NormClip(model.parameters(), MAX_NORM), scaler=scaler)
+        clipper = CLIPPERS[kind](model)
+        handle = attach(opt, clipper, scaler=scaler)
         if poisoned:
-            train(model, opt, batches, scaler=scaler, poison={bad: math.nan})
+            train(model, opt, batches, scaler=scaler, poison={bad: POISONS[poison]})
         else:
             train(model, opt, batches[:bad] + batches[bad + 1 :], scaler=scaler)
-        runs.append((opt, handle))
-    (opt_a, handle_a), (opt_b, handle_b) = runs
+        runs.append((opt, handle, clipper, scaler))
+    (opt_a, handle_a, clipper_a, scaler_a), (opt_b, handle_b, clipper_b, _) = runs
     assert_bit_identical(opt_a, opt_b)
-    # The scaler's own skips are counted by the scaler, not here.
-    assert int(handle_a.skipped_steps) == (0 if amp else 1)
+    if amp and poison == "nan":
+        # The scaler sees the NaN and skips by itself: its skips are the scaler's to count.
+        assert scaler_a is not None and scaler_a.get_scale() < 2.0**12
+        assert int(handle_a.skipped_steps) == 0
+    else:
+        # Only the clip sees it (a finite gradient whose norm overflows): gradclip skips.
+        assert scaler_a is None or scaler_a.get_scale() == 2.0**12
+        assert int(handle_a.skipped_steps) == 1
     assert int(handle_b.skipped_steps) == 0
-    assert handle_a.folded == fused
+    assert handle_a.folded == (fused and isinstance(clipper_a, NormClip))
+    # A step decided on the host is rolled back for the clipper (members included);
+    # the sync-free fused skip counts the call.
+    extra = int(fused and kind in SYNC_FREE_ON_FUSED)
+    assert clipper_a.step == clipper_b.step + extra
+    if isinstance(clipper_a, Chain) and isinstance(clipper_b, Chain):
+        for member_a, member_b in zip(clipper_a, clipper_b):
+            assert member_a.step == member_b.step + extra
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
@@ -498,8 +537,15 @@ def test_grad_scaler_training_matches_explicit_unscale_clip_step(fused: bool) ->
             assert torch.equal(p, q)
 
 
+UNFOLDABLE: dict[str, Callable[[nn.Module], Clipper | Chain]] = {
+    "value": lambda m: ValueClip(m.parameters(), 0.01),
+    "chain": lambda m: chain(AGC(m[0].parameters(), 0.05), NormClip(m.parameters(), MAX_NORM)),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNFOLDABLE))
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_grad_scaler_with_an_unfoldable_clipper(fused: bool) -> None:
+def test_grad_scaler_with_an_unfoldable_clipper(fused: bool, kind: str) -> None:
     # The clip needs unscaled gradients in place: attach unscales once (for a fused
     # optimizer, in place of the kernel's division) and the result is bit-identical to
     # the documented recipe scaler.unscale_(); clip; scaler.step().
@@ -509,8 +555,8 @@ def test_grad_scaler_with_an_unfoldable_clipper(fused: bool) -> None:
     opt_ref = OPTIMIZERS["adam"](model_ref.parameters(), fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     scaler_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    handle = attach(opt, ValueClip(model.parameters(), 0.01), scaler=scaler)
-    clipper_ref = ValueClip(model_ref.parameters(), 0.01)
+    handle = attach(opt, UNFOLDABLE[kind](model), scaler=scaler)
+    clipper_ref = UNFOLDABLE[kind](model_ref)
     for x, y in batches:
         scaler.scale(F.mse_loss(model(x), y)).backward()
         scaler.step(opt)
@@ -718,6 +764,174 @@ def test_closure_optimizers_clip_each_evaluation() -> None:
     attach(opt, NormClip(skipping.parameters(), MAX_NORM))
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: F.mse_loss(skipping(x), y))
+
+
+# -- chains ----------------------------------------------------------------------------------
+
+
+def make_chain(model: nn.Module) -> Chain:
+    """Unit-wise AGC on the body, a cap on the head, an adaptive cap on everything."""
+    return chain(
+        AGC(model[0].named_parameters(prefix="0"), 0.05),
+        NormClip(model[2].named_parameters(prefix="2"), 0.2),
+        AutoClip(model.named_parameters(), percentile=50, history="full"),
+    )
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["attach", "clipping"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_chain_clips_as_chain_clip_then_step(fused: bool, context: bool) -> None:
+    batches = make_batches(6)
+    model, model_ref = make_model(), make_model()
+    clipper, clipper_ref = make_chain(model), make_chain(model_ref)
+    opt_ref = OPTIMIZERS["adamw"](model_ref.parameters(), fused)
+    if context:
+        with clipping(clipper) as handle:
+            opt = OPTIMIZERS["adamw"](model.parameters(), fused)
+            train(model, opt, batches)
+    else:
+        opt = OPTIMIZERS["adamw"](model.parameters(), fused)
+        handle = attach(opt, clipper)
+        train(model, opt, batches)
+    clipped = 0
+    for x, y in batches:
+        F.mse_loss(model_ref(x), y).backward()
+        stats = clipper_ref.clip_()
+        clipped += int(stats.clipped)
+        opt_ref.step()
+        opt_ref.zero_grad()
+    assert clipped == len(batches)  # the chain did something at every step
+    assert handle.steps == len(batches) and not handle.folded
+    assert handle.last_stats is not None
+    for name in ("total_norm", "clipped_norm", "threshold", "scale"):
+        assert torch.equal(getattr(handle.last_stats, name), getattr(stats, name)), name
+    assert_bit_identical(opt, opt_ref)
+    state, state_ref = clipper.state_dict(), clipper_ref.state_dict()
+    assert state["step"] == state_ref["step"] == len(batches)
+    for member, member_ref in zip(state["members"], state_ref["members"]):
+        assert member["step"] == member_ref["step"]
+        for a, b in zip(member["state"], member_ref["state"]):
+            for key in a:
+                assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_chain_raises_before_any_member_runs(fused: bool) -> None:
+    # The NaN is in the second member's parameters: with the member policies, the first
+    # member would already have clipped its gradients when the second one raised.
+    model = make_model()
+    opt = OPTIMIZERS["adam"](model.parameters(), fused)
+    clipper = make_chain(model)
+    attach(opt, clipper, nonfinite="raise")
+    train(model, opt, make_batches(2))
+    x, y = make_batches(1, seed=3)[0]
+    F.mse_loss(model(x), y).backward()
+    model[2].bias.grad[1] = math.inf
+    grads, params = grads_of(model), [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteGradientError, match=r"2\.bias"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_of(model)))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert clipper.step == 2 and [m.step for m in clipper] == [2, 2, 2]
+    assert all(m.nonfinite == "ignore" for m in clipper)
+
+
+def test_a_chain_zeroes_every_gradient_it_binds() -> None:
+    # Disjoint members: the NaN is in the first one's set, and the second one's
+    # gradients are zeroed too (the policy follows the chain's result).
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper = chain(AGC(model[0].parameters(), 0.05), NormClip(model[2].parameters(), 0.2))
+    handle = attach(opt, clipper, nonfinite="zero")
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(grads_of(model)))  # after ours
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, make_batches(1), poison={0: math.nan})
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in seen[0])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    stats = handle.last_stats
+    assert stats is not None and not bool(stats.finite)
+    assert float(stats.clipped_norm) == 0.0
+
+
+def test_a_chain_member_with_a_conflicting_policy_is_refused() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper = chain(
+        AGC(model.parameters(), 0.05), NormClip(model.parameters(), 1.0, nonfinite="zero")
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"chain member NormClip has nonfinite='zero' but attach got nonfinite='skip'",
+    ):
+        attach(opt, clipper)
+    attach(opt, clipper, nonfinite="zero").remove()
+
+
+# -- clippers that follow their step count -----------------------------------------------
+
+
+def _syncs_on_step(clipper_of: Callable[[nn.Module], Clipper | Chain], warm: int) -> bool:
+    """Whether a fused step, after ``warm`` clean ones, reads a value on the host."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    attach(opt, clipper_of(model))
+    batches = make_batches(warm + 1)
+    train(model, opt, batches[:warm])
+    x, y = batches[warm]
+    F.mse_loss(model(x), y).backward()
+    try:
+        with no_host_sync():
+            opt.step()
+    except AssertionError as error:
+        assert "host read" in str(error)
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("kind", "syncs"),
+    [
+        # (clipper, steps before the one checked) -> host sync expected
+        ("warmup-running", True),
+        ("warmup-over", False),
+        ("cosine-running", True),
+        ("cosine-over", False),
+        ("constant", False),
+        ("relax", False),
+        ("adagc-running", True),
+        ("adagc-over", False),
+        ("emaratio-running", True),
+        ("chain-running", True),
+        ("chain-over", False),
+        ("zclip", False),  # its warm-up counts finite norms on the device
+    ],
+)
+def test_step_dependent_clippers_decide_the_skip_on_the_host(
+    no_cpu_branch: None, kind: str, syncs: bool
+) -> None:
+    def norm(schedule: Any) -> Callable[[nn.Module], Clipper]:
+        return lambda m: NormClip(m.parameters(), MAX_NORM, schedule=schedule)
+
+    cases: dict[str, tuple[Callable[[nn.Module], Clipper | Chain], int]] = {
+        "warmup-running": (norm(LinearWarmup(3)), 2),  # index 2 < 3: still warming up
+        "warmup-over": (norm(LinearWarmup(3)), 3),
+        "cosine-running": (norm(Cosine(4)), 3),
+        "cosine-over": (norm(Cosine(4)), 4),
+        "constant": (norm(Constant(0.5)), 1),
+        "relax": (norm(RelaxOnCalm(window=2)), 1),
+        "adagc-running": (lambda m: AdaGC(m.parameters(), warmup_steps=3), 2),  # call 3 of 3
+        "adagc-over": (lambda m: AdaGC(m.parameters(), warmup_steps=3), 3),
+        "emaratio-running": (lambda m: EMARatio(m.parameters(), warmup_steps=2), 1),
+        "chain-running": (
+            lambda m: chain(AGC(m.parameters()), norm(LinearWarmup(3))(m)),
+            2,
+        ),
+        "chain-over": (lambda m: chain(AGC(m.parameters()), norm(LinearWarmup(3))(m)), 3),
+        "zclip": (lambda m: ZClip(m.parameters(), warmup_steps=3), 1),
+    }
+    clipper_of, warm = cases[kind]
+    assert _syncs_on_step(clipper_of, warm) == syncs
 
 
 # -- the sync-free fused path ------------------------------------------------------------

@@ -32,22 +32,45 @@ the saved scaling pass costs: see ``benchmarks/RESULTS.md``; so on CPU, where
 reading a value is free, a step with nothing to clip gets no ``grad_scale`` at all.)
 Other clippers
 (per-tensor or per-unit scales, several parameter groups, a clipper covering part
-of the optimizer) and the ``"zero"`` policy clip in place, as without folding.
+of the optimizer, a :func:`~gradclip.clippers.compose.chain`) and the ``"zero"``
+policy clip in place, as without folding.
+
+**Chains**: ``attach(optimizer, chain(AGC(params), NormClip(params, 1.0)))`` clips
+as ``chain.clip_()`` followed by the step would. The policy applies to the chain's
+result (``stats.finite`` of the union of its parameters): the members run with
+``"ignore"``; ``"skip"`` skips the whole step, ``"zero"`` zeroes every gradient the
+chain binds, and ``"raise"`` checks the gradients before any member runs (one extra
+read of them, besides its host sync), so nothing is modified when it raises. A skip
+decided on the host rolls back the step counters of the chain and of every member.
 
 **Non-finite gradients** (``nonfinite``; see :mod:`gradclip.nonfinite`): ``"skip"``
 (default) skips the optimizer step, leaving parameters and optimizer state
 bit-identical to a run without that batch; ``"ignore"``, ``"raise"`` and ``"zero"``
-act as in the functional API. A fused optimizer skips through ``found_inf`` (no
-sync), except on its first step: until it has state for every parameter it decides
-on the host (one sync), because torch's fused SGD skipped via ``found_inf`` on its
-first step would keep uninitialised momentum buffers. Any other optimizer needs
-one host sync per step to skip: the hook reads ``stats.finite`` and, if the
-gradients are not finite, hides them (``p.grad = None``) so ``step()`` updates
-nothing, and puts them back after the step. A skipped step counts in
-``handle.skipped_steps``; where the skip is decided on the host, the clipper's step
-counter is rolled back too, so warm-ups and schedules resume as if the batch never
-came. On the sync-free fused path the clipper's tensor state is untouched (its
-strategy masks non-finite norms) but its step counter counts the call.
+act as in the functional API. Any optimizer that is not fused needs one host sync
+per step to skip: the hook reads ``stats.finite`` and, if the gradients are not
+finite, hides them (``p.grad = None``) so ``step()`` updates nothing, and puts them
+back after the step. A fused optimizer skips through ``found_inf`` (no sync),
+except where the skip must be decided on the host (one sync per step, as above):
+
+* on its first step, until it has state for every parameter, because torch's fused
+  SGD skipped via ``found_inf`` on its first step would keep uninitialised momentum
+  buffers;
+* while the clipper's behaviour depends on its step count, so a skipped call must
+  not count: a threshold schedule still in progress (``LinearWarmup`` before its
+  ``warmup_steps``, ``Cosine`` before its ``total_steps``, any schedule of your own
+  always; ``Constant`` and ``RelaxOnCalm`` never), or a warm-up counted in clipper
+  steps still in progress (``AdaGC``, ``EMARatio``: until ``clipper.step`` reaches
+  ``warmup_steps``). A chain depends on its step count when a member does. Once the
+  schedule or warm-up has ended, the fused skip is sync-free again.
+
+A skipped step counts in ``handle.skipped_steps``; where the skip is decided on the
+host, the clipper's step counter is rolled back too, so warm-ups and schedules
+resume as if the batch never came. On the sync-free fused path the clipper's tensor
+state is untouched (its strategy masks non-finite norms) but its step counter
+counts the call, which changes nothing gradclip's strategies compute from then on
+(that is why the path is taken only then). A clipper of your own whose strategy
+reads ``clipper.step`` can say so with a ``step_dependent`` attribute (a bool, or
+a property returning one): while it is True, the skip is decided on the host.
 
 **AMP** (``scaler``): see :mod:`gradclip.integrations.amp`. Gradients are unscaled
 once before clipping; ``scaler.step`` / ``scaler.update`` work as documented; a step
@@ -66,10 +89,11 @@ its closure cannot be skipped beforehand, so ``"skip"`` raises there.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -79,17 +103,25 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from gradclip._params import collect_grads
 from gradclip._sync import branch_on_host
+from gradclip.clippers.adagc import AdaGC
 from gradclip.clippers.base import Clipper
+from gradclip.clippers.compose import Chain
+from gradclip.clippers.emaratio import EMARatio
+from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm, Schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.integrations.amp import check_scaler, grads_scaled_by, unscale_grads_
 from gradclip.nonfinite import (
     StepPolicy,
     check_step_policy,
     hide_grads_,
+    raise_if_nonfinite,
     restore_grads_,
     skip_found_inf,
+    zero_if_nonfinite_,
 )
+from gradclip.norms import tensor_norms, total_norm_of
 
 __all__ = ["ClipHandle", "StepMonitor", "attach", "clipping"]
 
@@ -97,7 +129,11 @@ _MISSING = object()
 _BOUND_OPTIMIZERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, ClipHandle] = (
     weakref.WeakKeyDictionary()
 )
-_BOUND_CLIPPERS: weakref.WeakKeyDictionary[Clipper, ClipHandle] = weakref.WeakKeyDictionary()
+_BOUND_CLIPPERS: weakref.WeakKeyDictionary[Clipper | Chain, ClipHandle] = (
+    weakref.WeakKeyDictionary()
+)
+# Strategies whose warm-up is counted in clipper steps (``clipper.step <= warmup_steps``).
+_STEP_COUNTED_WARMUPS = (AdaGC, EMARatio)
 
 
 @runtime_checkable
@@ -112,7 +148,7 @@ class ClipHandle:
     """The binding of a clipper to an optimizer's steps; :func:`attach` returns one.
 
     Attributes:
-        clipper: the clipper.
+        clipper: the clipper (or chain).
         optimizer: the optimizer (None until the first step for :func:`clipping`).
         scaler: the ``torch.amp.GradScaler``, or None.
         monitor: the object whose ``observe(stats)`` is called each step, or None.
@@ -127,25 +163,27 @@ class ClipHandle:
 
     def __init__(
         self,
-        clipper: Clipper,
+        clipper: Clipper | Chain,
         *,
         scaler: torch.amp.GradScaler | None = None,
         monitor: StepMonitor | None = None,
         nonfinite: StepPolicy = "skip",
     ) -> None:
-        if not isinstance(clipper, Clipper):
+        if not isinstance(clipper, Clipper | Chain):
             raise TypeError(
-                f"clipper must be a gradclip Clipper (e.g. NormClip(params, 1.0)); got "
-                f"{type(clipper).__name__}"
+                "clipper must be a gradclip Clipper (e.g. NormClip(params, 1.0)) or a "
+                f"chain(...) of them; got {type(clipper).__name__}"
             )
         self.nonfinite: StepPolicy = check_step_policy(nonfinite)
         self._policy = "ignore" if self.nonfinite == "skip" else self.nonfinite
-        if clipper.nonfinite not in ("ignore", self._policy):
-            raise ValueError(
-                f"the clipper has nonfinite={clipper.nonfinite!r} but attach got "
-                f"nonfinite={self.nonfinite!r}; the attach policy applies, so build the "
-                "clipper with nonfinite='ignore' or pass the same policy to attach"
-            )
+        for leaf in _leaves(clipper):
+            if leaf.nonfinite not in ("ignore", self._policy):
+                which = "clipper" if leaf is clipper else f"chain member {type(leaf).__name__}"
+                raise ValueError(
+                    f"the {which} has nonfinite={leaf.nonfinite!r} but attach got "
+                    f"nonfinite={self.nonfinite!r}; the attach policy applies, so build the "
+                    "clipper with nonfinite='ignore' or pass the same policy to attach"
+                )
         if monitor is not None and not callable(getattr(monitor, "observe", None)):
             raise TypeError(
                 "monitor must have an observe(stats) method (e.g. gradclip.GradMonitor) "
@@ -300,7 +338,8 @@ class ClipHandle:
         outer_found_inf: Tensor | None = getattr(optimizer, "found_inf", None)
         fused = _is_fused(optimizer)
         decide_on_host = self.nonfinite == "raise" or (
-            self.nonfinite == "skip" and not (fused and _has_state(optimizer))
+            self.nonfinite == "skip"
+            and not (fused and _has_state(optimizer) and not _step_dependent(self.clipper))
         )
         if decide_on_host and outer_found_inf is not None and bool(outer_found_inf):
             # The GradScaler skips this step (inf/NaN in the scaled gradients): leave the
@@ -310,7 +349,8 @@ class ClipHandle:
             return
         self.folded = fused and self._foldable(optimizer)
         if self.folded:
-            stats = self._with_policy(lambda: self.clipper.measure_(grad_scale=scaled_by))
+            clipper = cast(Clipper, self.clipper)  # foldable: a Clipper, never a chain
+            stats = self._with_policy(lambda: clipper.measure_(grad_scale=scaled_by))
             if scaled_by is None and _nothing_to_fold(stats.scale):
                 pass  # on CPU, a kernel given a grad_scale also stores the gradients back
             else:
@@ -322,7 +362,7 @@ class ClipHandle:
             if scaled_by is not None:  # fused step under a GradScaler: unscale, then clip
                 unscale_grads_(_grads(optimizer), scaled_by)
                 self._set(optimizer, "grad_scale", None)
-            stats = self._with_policy(self.clipper.clip_)
+            stats = self._with_policy(self._clip)
         self.steps += 1
         self.last_stats = stats
         if self.nonfinite == "skip":
@@ -344,7 +384,7 @@ class ClipHandle:
             if bool(stats.finite):  # the one host sync of this path
                 return
             self._hidden = hide_grads_(_params(optimizer))
-            self.clipper.step -= 1  # the step never happened, for the clipper too
+            _roll_back_step(self.clipper)  # the step never happened, for the clipper too
             self.skipped_steps += 1
             return
         self._set(optimizer, "found_inf", skip_found_inf(stats.finite, outer_found_inf))
@@ -364,7 +404,7 @@ class ClipHandle:
         def clipped() -> Any:
             loss = closure()
             with torch.no_grad():
-                stats = self._with_policy(self.clipper.clip_)
+                stats = self._with_policy(self._clip)
             self.steps += 1
             self.last_stats = stats
             self.folded = False
@@ -375,16 +415,39 @@ class ClipHandle:
         return clipped
 
     def _with_policy(self, run: Callable[[], ClipStats]) -> ClipStats:
-        saved = self.clipper.nonfinite
-        self.clipper.nonfinite = self._policy
+        """Run with the attach policy set on the clipper (a chain's members: ``"ignore"``)."""
+        leaves = _leaves(self.clipper)
+        policy = "ignore" if isinstance(self.clipper, Chain) else self._policy
+        saved = [leaf.nonfinite for leaf in leaves]
+        for leaf in leaves:
+            leaf.nonfinite = policy
         try:
             return run()
         finally:
-            self.clipper.nonfinite = saved
+            for leaf, value in zip(leaves, saved):
+                leaf.nonfinite = value
+
+    def _clip(self) -> ClipStats:
+        """``clipper.clip_()``; for a chain, with the policy applied to the chain's result."""
+        clipper = self.clipper
+        if not isinstance(clipper, Chain):
+            return clipper.clip_()
+        if self.nonfinite == "raise":
+            _raise_if_nonfinite(clipper)  # before any member modifies a gradient
+        stats = clipper.clip_()
+        if self.nonfinite == "zero":
+            grads = [p.grad for p in clipper.params if p.grad is not None]
+            zero_if_nonfinite_(grads, stats.total_norm)
+            clipped_norm = torch.where(stats.finite, stats.clipped_norm, 0.0)
+            scale = torch.where(stats.total_norm > 0, clipped_norm / stats.total_norm, 1.0)
+            stats = dataclasses.replace(stats, clipped_norm=clipped_norm, scale=scale)
+        return stats
 
     def _foldable(self, optimizer: torch.optim.Optimizer) -> bool:
         """A foldable clipper whose parameters are exactly the optimizer's (cached)."""
-        if self.nonfinite == "zero" or not self.clipper.foldable:
+        if self.nonfinite == "zero" or isinstance(self.clipper, Chain):
+            return False  # "zero" writes the gradients; a chain has no single factor
+        if not self.clipper.foldable:
             return False
         n_opt = sum(len(g["params"]) for g in optimizer.param_groups)
         n_clip = sum(len(g["params"]) for g in self.clipper.param_groups)
@@ -416,7 +479,7 @@ class ClipHandle:
 
 def attach(
     optimizer: torch.optim.Optimizer,
-    clipper: Clipper,
+    clipper: Clipper | Chain,
     *,
     scaler: torch.amp.GradScaler | None = None,
     monitor: StepMonitor | None = None,
@@ -428,11 +491,19 @@ def attach(
     Adagrad and a foldable clipper, the clip is folded into the fused kernel (no extra
     pass over the gradients, no host sync). See the module docstring for the details.
 
+    Host syncs under ``"skip"``: none per step with a fused optimizer, except on its
+    first step and while the clipper depends on its step count (a threshold schedule
+    or an ``AdaGC``/``EMARatio`` warm-up still in progress: see the module
+    docstring), where the skip is decided on the host (one sync per step) so that a
+    skipped batch does not shift the schedule; one per step with any other optimizer.
+
     Args:
         optimizer: the optimizer whose steps to clip.
-        clipper: a :class:`~gradclip.clippers.base.Clipper`; its parameters must all be
-            in ``optimizer``. Its own non-finite policy must be ``"ignore"`` or the
-            same as ``nonfinite``.
+        clipper: a :class:`~gradclip.clippers.base.Clipper` or a
+            :func:`~gradclip.clippers.compose.chain` of them; its parameters must all
+            be in ``optimizer``. Its own non-finite policy (each chain member's) must
+            be ``"ignore"`` or the same as ``nonfinite``; for a chain the policy
+            applies to the chain's result.
         scaler: the ``torch.amp.GradScaler`` of an AMP loop (step with
             ``scaler.step(optimizer)``), or None.
         monitor: an object with ``observe(stats)``, e.g. :class:`gradclip.GradMonitor`,
@@ -470,7 +541,7 @@ def attach(
 
 
 def clipping(
-    clipper: Clipper,
+    clipper: Clipper | Chain,
     *,
     scaler: torch.amp.GradScaler | None = None,
     monitor: StepMonitor | None = None,
@@ -510,6 +581,72 @@ def clipping(
         register_optimizer_step_post_hook(handle._global_post_hook),
     ]
     return handle
+
+
+def _leaves(clipper: Clipper | Chain) -> list[Clipper]:
+    """The clippers that do the work: the clipper itself, or a chain's members, flattened."""
+    if isinstance(clipper, Chain):
+        return [leaf for member in clipper.members for leaf in _leaves(member)]
+    return [clipper]
+
+
+def _roll_back_step(clipper: Clipper | Chain) -> None:
+    """Undo the step count of one ``clip_()`` call (a chain calls each member once)."""
+    clipper.step -= 1
+    if isinstance(clipper, Chain):
+        for member in clipper.members:
+            _roll_back_step(member)
+
+
+def _raise_if_nonfinite(clipper: Chain) -> None:
+    """The ``"raise"`` policy for a chain: check the union of its gradients first (one sync)."""
+    seen: set[int] = set()
+    pairs: list[tuple[str, Tensor]] = []
+    for group in clipper.param_groups:
+        for name, p in zip(group["names"], group["params"]):
+            if id(p) not in seen:
+                seen.add(id(p))
+                pairs.append((name, p))
+    grads = collect_grads(pairs, empty_generator_ok=True)
+    if grads.grads:
+        norms = tensor_norms(grads.grads, clipper.norm_type)
+        raise_if_nonfinite(grads, norms, total_norm_of(norms, clipper.norm_type))
+
+
+def _step_dependent(clipper: Clipper | Chain) -> bool:
+    """Whether a skipped call that still counted in ``clipper.step`` would change later clips.
+
+    Read from public attributes (no device read): a ``step_dependent`` bool if the
+    clipper has one; a chain's members; a threshold schedule still in progress; a
+    warm-up counted in clipper steps (AdaGC, EMARatio) still in progress. The call
+    about to run has the 0-based index ``clipper.step``: after a skipped one, the
+    removed-batch run would see index ``s`` where this one sees ``s + 1``, which
+    changes nothing once the schedule or warm-up is constant from ``clipper.step`` on.
+    """
+    if isinstance(clipper, Chain):
+        return any(_step_dependent(member) for member in clipper.members)
+    declared = getattr(clipper, "step_dependent", None)
+    if isinstance(declared, bool):
+        return declared
+    step = clipper.step
+    for group in clipper.param_groups:
+        schedule = group.get("schedule")
+        if isinstance(schedule, Schedule) and _schedule_in_progress(schedule, step):
+            return True
+        if isinstance(clipper, _STEP_COUNTED_WARMUPS) and step < group["warmup_steps"]:
+            return True
+    return False
+
+
+def _schedule_in_progress(schedule: Schedule, step: int) -> bool:
+    """Whether ``schedule``'s factor may still change from 0-based step ``step`` on."""
+    if isinstance(schedule, Constant | RelaxOnCalm):
+        return False  # the same at every step; RelaxOnCalm follows the norms, not the step
+    if isinstance(schedule, LinearWarmup):
+        return step < schedule.warmup_steps
+    if isinstance(schedule, Cosine):
+        return step < schedule.total_steps
+    return True  # a schedule of the user's: assume it follows the step
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
