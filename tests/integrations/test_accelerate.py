@@ -12,7 +12,6 @@ import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 from torch.amp.grad_scaler import OptState
 
+from gradclip.clippers.compose import chain
 from gradclip.clippers.fixed import NormClip
 from gradclip.integrations.accelerate import clip_
 from gradclip.spec import from_spec
@@ -200,9 +200,34 @@ def test_explicit_optimizer_argument() -> None:
 )
 def test_refused_setups(kind: DistributedType, fsdp2: bool, message: str) -> None:
     # A stand-in: these setups need GPUs, TPUs or DeepSpeed; clip_ refuses them up front.
-    fake = SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2, sync_gradients=True)
+    attributes = {"distributed_type": kind, "is_fsdp2": fsdp2, "sync_gradients": True}
+    stand_in = type("StandIn", (Accelerator,), attributes)
+    fake = stand_in.__new__(stand_in)  # an Accelerator whose setup is never run
     with pytest.raises(ValueError, match=message):
         clip_(fake, NormClip([nn.Parameter(torch.zeros(1))], max_norm=1.0))
+
+
+def test_bad_arguments_name_the_value() -> None:
+    accelerator = Accelerator(cpu=True)
+    model = Tiny()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    clipper = NormClip(model.parameters(), max_norm=1.0)
+    with pytest.raises(TypeError, match=r"accelerator must be an accelerate\.Accelerator; got str"):
+        clip_("acc", clipper)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"spec string 'norm:1\.0'.*gradclip\.from_spec\('norm:1\.0', model"
+    ):
+        clip_(accelerator, "norm:1.0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"gradclip Clipper .* or a chain; got Tiny"):
+        clip_(accelerator, model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"a list or tuple of them, or None; got Tiny"):
+        clip_(accelerator, clipper, model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"a list or tuple of them, or None; got list"):
+        clip_(accelerator, clipper, [optimizer, model])  # type: ignore[list-item]
+    assert all(p.grad is None for p in model.parameters())  # nothing ran
+    model(torch.ones(2, 6)).sum().backward()
+    stats = clip_(accelerator, chain(NormClip(model.parameters(), max_norm=1.0)), [optimizer])
+    assert stats is not None and float(stats.clipped_norm) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_missing_accelerate_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradclip.clippers.base import Clipper
+from gradclip.clippers.compose import Chain
 from gradclip.clippers.stats import ClipStats
 from gradclip.integrations._adapters import (
     ClipperLike,
@@ -89,6 +91,11 @@ def clip_(
         micro-step (``accelerator.sync_gradients`` is False), where nothing is clipped.
 
     Raises:
+        TypeError: ``accelerator`` is not an ``accelerate.Accelerator``; ``clipper`` is
+            not a gradclip clipper or chain (a spec string included: ``clip_`` runs
+            every step, and a strategy must keep its state across steps, so build the
+            clipper once with :func:`gradclip.from_spec`); ``optimizer`` is not an
+            optimizer, a sequence of them, or None.
         ValueError: a refused distributed setup (DeepSpeed, FSDP1, Megatron-LM, XLA),
             or gradients still scaled by fp16 AMP that no optimizer prepared by the
             accelerator holds (they cannot be unscaled through it).
@@ -104,6 +111,7 @@ def clip_(
         >>> round(float(stats.total_norm), 2), round(float(stats.clipped_norm), 2)  # 4 grads of 40
         (80.0, 1.0)
     """
+    _check_arguments(accelerator, clipper, optimizer)
     _check_distributed(accelerator)
     if not accelerator.sync_gradients:
         return None
@@ -120,6 +128,37 @@ def clip_(
             if not unscaled_since_update(accelerator.scaler, _unwrap(opt)):
                 accelerator.unscale_gradients(optimizer=opt)
     return clipper.clip_()
+
+
+def _check_arguments(accelerator: object, clipper: object, optimizer: object) -> None:
+    """Raise ``TypeError`` naming an argument of the wrong type (before anything else runs)."""
+    if not isinstance(accelerator, accelerate.Accelerator):
+        raise TypeError(
+            "clip_(accelerator, clipper): accelerator must be an accelerate.Accelerator; "
+            f"got {type(accelerator).__name__}"
+        )
+    if isinstance(clipper, str):
+        raise TypeError(
+            f"clip_(accelerator, clipper) got the spec string {clipper!r}; clip_ runs every "
+            "step and a strategy keeps its state across steps, so build the clipper once, "
+            f"e.g. clipper = gradclip.from_spec({clipper!r}, model.named_parameters()), "
+            "and pass it"
+        )
+    if not isinstance(clipper, Clipper | Chain):
+        raise TypeError(
+            "clip_(accelerator, clipper): clipper must be a gradclip Clipper (e.g. "
+            f"NormClip(model.parameters(), max_norm=1.0)) or a chain; got {type(clipper).__name__}"
+        )
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    if not isinstance(optimizer, list | tuple) or not all(
+        isinstance(o, torch.optim.Optimizer) for o in optimizer
+    ):
+        raise TypeError(
+            "clip_(accelerator, clipper, optimizer): optimizer must be a torch optimizer "
+            "(a prepared one, e.g.), a list or tuple of them, or None; got "
+            f"{type(optimizer).__name__}"
+        )
 
 
 def _check_distributed(accelerator: Accelerator) -> None:
