@@ -376,3 +376,71 @@ def test_growing_full_history_loads_at_any_length() -> None:
     assert fresh.state[0]["sorted_history"].shape != long.state[0]["sorted_history"].shape
     fresh.load_state_dict(long.state_dict())
     assert_same(fresh.state_dict(), long.state_dict())
+
+
+# -- ClipStats.scale is the factor applied, bit for bit --------------------------------
+
+
+SINGLE_FACTOR = {
+    "norm": lambda p: NormClip(p, max_norm=0.37),
+    "noclip": lambda p: NoClip(p),
+    "zclip": lambda p: gradclip.ZClip(p, warmup_steps=3, z_thresh=0.5),
+    "autoclip": lambda p: gradclip.AutoClip(p, 30, window=8),
+    "emaratio": lambda p: gradclip.EMARatio(p, ratio=1.2, warmup_steps=2),
+    "adagc-warmup": lambda p: gradclip.AdaGC(p, lambda_abs=0.37, warmup_steps=10**6),
+}
+
+
+def random_steps(steps: int, seed: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        level = float(torch.exp(torch.randn((), generator=g) * 2.0))
+        out.append([torch.randn(7, generator=g) * level, torch.randn(3, 2, generator=g) * level])
+    return out
+
+
+@pytest.mark.parametrize("name", list(SINGLE_FACTOR))
+def test_stats_scale_is_the_factor_applied_to_the_gradients(name: str) -> None:
+    """Over random norms, ``grad_after == grad_before * stats.scale`` exactly, every step.
+
+    Recomputing the scale as clipped_norm / total_norm differs from the applied factor
+    by an ulp in a few percent of steps; this would catch it.
+    """
+    params = [torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(3, 2))]
+    clipper = SINGLE_FACTOR[name](params)
+    clipped = 0
+    for grads in random_steps(400, seed=11):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        stats = clipper.clip_()
+        assert stats.scale.dtype == stats.total_norm.dtype
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g * stats.scale), clipper.step
+        clipped += bool(stats.clipped)
+    assert name == "noclip" or clipped > 50
+
+
+@pytest.mark.parametrize("name", ["norm", "zclip", "autoclip"])
+def test_clip_and_measure_report_the_same_scale(name: str) -> None:
+    a = [torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(3, 2))]
+    b = [torch.nn.Parameter(torch.zeros(7)), torch.nn.Parameter(torch.zeros(3, 2))]
+    clipping, measuring = SINGLE_FACTOR[name](a), SINGLE_FACTOR[name](b)
+    for grads in random_steps(400, seed=12):
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        clipped, measured = clipping.clip_(), measuring.measure_()
+        assert torch.equal(clipped.scale, measured.scale), clipping.step
+        assert torch.equal(clipped.threshold, measured.threshold)
+
+
+def test_zero_policy_reports_scale_zero_on_a_nonfinite_step() -> None:
+    for bad in (math.nan, math.inf):
+        params = params_with_grads()
+        params[1].grad[0] = bad
+        stats = NormClip(params, max_norm=1.0, nonfinite="zero").clip_()
+        assert stats.scale.item() == 0.0 and stats.clipped_norm.item() == 0.0
+        two = params_with_grads(3) + params_with_grads(4)
+        two[6].grad[0] = bad
+        clipper = NormClip([{"params": two[:5]}, {"params": two[5:]}], 1.0, nonfinite="zero")
+        assert clipper.clip_().scale.item() == 0.0

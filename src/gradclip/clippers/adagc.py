@@ -166,7 +166,7 @@ class AdaGC(Clipper):
             clipped = norms * scale
             # The running minimum of the clipped norms; a zero norm carries no scale.
             new_gamma = torch.where(clipped > 0, torch.minimum(gamma, clipped), gamma)
-            clipped_norm, was_clipped = total_norm * scale, scale < 1.0
+            clipped_norm, was_clipped, applied = total_norm * scale, scale < 1.0, scale
         else:
             unset = torch.isinf(gamma)  # no γ yet: left unclipped (inf bound)
             bounds = group["lambda_rel"] * gamma
@@ -180,7 +180,7 @@ class AdaGC(Clipper):
             new_gamma = torch.where(unset, first, ema)
             threshold = total_norm_of(bounds, p)
             clipped_norm = total_norm_of(clipped, p)
-            was_clipped = (factors < 1.0).any()
+            was_clipped, applied = (factors < 1.0).any(), None
         finite = torch.isfinite(total_norm)
         state["gamma"] = scatter(gamma_all, index, self.keep_if_finite(finite, new_gamma, gamma))
-        return GroupResult(threshold, clipped_norm, was_clipped)
+        return GroupResult(threshold, clipped_norm, was_clipped, applied)

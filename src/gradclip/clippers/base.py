@@ -53,8 +53,10 @@ class GroupResult:
         threshold: the largest group norm let through unchanged (``inf``: no clipping).
         clipped_norm: the group's norm after clipping.
         clipped: whether any gradient of the group was scaled down.
-        scale: the one factor every gradient of the group is multiplied by, for
-            strategies that have one (:class:`GlobalNormClipper`); None otherwise.
+        scale: the one factor every gradient of the group was multiplied by, for
+            strategies that have one (:class:`GlobalNormClipper`, EMARatio's global
+            mode, AdaGC's warm-up); None otherwise. ``ClipStats.scale`` of a
+            one-group clipper is this very tensor, so it is exactly the factor applied.
     """
 
     threshold: Tensor
@@ -276,12 +278,16 @@ class Clipper:
             clipped_norm = total_norm_of(torch.stack([r.clipped_norm for r in results]), p)
             clipped = torch.stack([r.clipped for r in results]).any()
         finite = torch.isfinite(total_norm)
+        if len(results) == 1 and results[0].scale is not None:
+            # The factor the gradients were multiplied by, not clipped_norm / total_norm
+            # recomputed (an ulp off in a few percent of steps).
+            scale = results[0].scale.to(total_norm.dtype)
+        else:
+            scale = torch.where(total_norm > 0, clipped_norm / total_norm, 1.0)
         if self.nonfinite == "zero":
             zero_if_nonfinite_(every, total_norm)
             clipped_norm = torch.where(finite, clipped_norm, 0.0)
-        scale = torch.where(total_norm > 0, clipped_norm / total_norm, 1.0)
-        if not apply and results[0].scale is not None:
-            scale = results[0].scale.to(total_norm.dtype)
+            scale = torch.where(finite, scale, 0.0)  # every gradient was set to zero
         return ClipStats(
             total_norm=total_norm,
             threshold=threshold.to(total_norm.dtype),

@@ -169,4 +169,4 @@ class EMARatio(Clipper):
             return GroupResult(
                 total_norm_of(bound, p), total_norm_of(clipped, p), (factor < 1.0).any()
             )
-        return GroupResult(bound, clipped, factor < 1.0)
+        return GroupResult(bound, clipped, factor < 1.0, factor)

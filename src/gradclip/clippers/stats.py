@@ -22,8 +22,13 @@ class ClipStats:
             step: the norm bound of a global-norm strategy; for per-tensor, per-unit
             and per-element strategies, the norm of their per-piece bounds. ``inf``
             when the strategy does not clip (e.g. during a warm-up).
-        scale: the factor applied to the gradients (1 = untouched); for strategies
-            that scale pieces differently, the effective ``clipped_norm / total_norm``.
+        scale: the factor applied to the gradients (1 = untouched): for a strategy
+            that multiplies every gradient by one factor, that very factor, bit for
+            bit (NaN when a NaN norm was applied under ``nonfinite="ignore"``, as
+            torch does); 0 on a non-finite step under ``nonfinite="zero"`` (every
+            gradient was set to zero). For strategies that scale pieces differently
+            (per tensor, per unit, per element, several param groups, chains), the
+            effective ``clipped_norm / total_norm`` (1 for a zero norm).
         clipped_norm: global norm of the gradients after clipping.
         clipped: whether any gradient was scaled down (bool).
         finite: whether ``total_norm`` is finite (bool).
