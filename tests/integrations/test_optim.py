@@ -871,6 +871,14 @@ def test_a_chain_member_with_a_conflicting_policy_is_refused() -> None:
 # -- clippers that follow their step count -----------------------------------------------
 
 
+class _Declared(NormClip):
+    """A clipper of the user's that says whether it follows its step count."""
+
+    def __init__(self, *args: Any, step_dependent: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_dependent = step_dependent
+
+
 def _syncs_on_step(clipper_of: Callable[[nn.Module], Clipper | Chain], warm: int) -> bool:
     """Whether a fused step, after ``warm`` clean ones, reads a value on the host."""
     model = make_model()
@@ -905,6 +913,8 @@ def _syncs_on_step(clipper_of: Callable[[nn.Module], Clipper | Chain], warm: int
         ("chain-running", True),
         ("chain-over", False),
         ("zclip", False),  # its warm-up counts finite norms on the device
+        ("declared", True),  # a clipper's own step_dependent attribute wins
+        ("declared-not", False),
     ],
 )
 def test_step_dependent_clippers_decide_the_skip_on_the_host(
@@ -929,6 +939,13 @@ def test_step_dependent_clippers_decide_the_skip_on_the_host(
         ),
         "chain-over": (lambda m: chain(AGC(m.parameters()), norm(LinearWarmup(3))(m)), 3),
         "zclip": (lambda m: ZClip(m.parameters(), warmup_steps=3), 1),
+        "declared": (lambda m: _Declared(m.parameters(), MAX_NORM, step_dependent=True), 5),
+        "declared-not": (
+            lambda m: _Declared(
+                m.parameters(), MAX_NORM, schedule=LinearWarmup(9), step_dependent=False
+            ),
+            1,
+        ),
     }
     clipper_of, warm = cases[kind]
     assert _syncs_on_step(clipper_of, warm) == syncs
