@@ -443,6 +443,24 @@ def test_bad_arguments() -> None:
         GradClip("norm:1", log_every=1.5)  # type: ignore[arg-type]
 
 
+BAD_SPECS = [
+    ("norm:x", TypeError, r"bad spec 'norm:x' given to GradClip: max_norm must be a real number"),
+    ("norm:1.0,foo=2", ValueError, r"given to GradClip: strategy 'norm' has no option 'foo'"),
+    ("zclip:z=-1", ValueError, r"given to GradClip: z_thresh must be .*> 0; got -1"),
+    ("autoclip:p=200", ValueError, r"given to GradClip: percentile must be in \(0, 100\]"),
+]
+
+
+@pytest.mark.parametrize(("spec", "error", "message"), BAD_SPECS, ids=[s for s, _, _ in BAD_SPECS])
+def test_spec_options_are_checked_at_construction(
+    spec: str, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        GradClip(spec)
+    # Options that name parameters are checked when the clipper is bound to them.
+    GradClip("agc:0.01,exclude=head.*")
+
+
 def test_missing_lightning_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in ("lightning", "pytorch_lightning"):

@@ -22,6 +22,8 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.amp.grad_scaler import OptState
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -245,6 +247,56 @@ def test_logs_pre_and_post_norms(tmp_path: Path) -> None:
     assert "train_loss" in summary and "grad_norm_pre" not in summary
 
 
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """A transformers GPT-2 built from a config (random weights, nothing downloaded)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    return GPT2LMHeadModel(config)
+
+
+def token_dataset() -> list[dict[str, Tensor]]:
+    ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(2))
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+@pytest.mark.parametrize("spec", ["norm:0.25", "agc:0.02"])
+def test_a_transformers_model_with_tied_weights(tmp_path: Path, spec: str) -> None:
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: one parameter
+    probe, clip, later = Probe(), GradClipCallback(spec), LogRecorder()
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=token_dataset(),
+        callbacks=[probe, clip, later],
+    )
+    trainer.train()
+    assert len(probe.records) == STEPS
+    # The clipper binds the tied matrix once, as the optimizer holds it.
+    assert clip.clipper is not None
+    bound = [p for g in clip.clipper.param_groups for p in g["params"]]
+    assert len(bound) == len({id(p) for p in model.parameters()}) == len(probe.names)
+    assert "transformer.wte.weight" in probe.names and "lm_head.weight" not in probe.names
+    # What reached the optimizer is the strategy's clip of the pre-clip gradients (and,
+    # for norm clipping, torch's formula over each parameter once), applied by SGD.
+    check_steps(spec, probe.names, probe.records, probe.at_step, LR)
+    pre = [
+        float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in r["grads"]])))
+        for r in probe.records
+    ]
+    post = [
+        float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in s["grads"]])))
+        for s in probe.at_step
+    ]
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in history] == [2, 4]
+    for logs in (history, [g for g in later.logs if "loss" in g]):
+        for entry, last in zip(logs, (1, 3)):
+            assert entry["grad_norm_pre"] == pytest.approx(pre[last], rel=1e-5)
+            assert entry["grad_norm_post"] == pytest.approx(post[last], rel=1e-5)
+            assert entry["grad_norm_post"] < entry["grad_norm_pre"]
+
+
 def test_first_in_line_reaches_callbacks_listed_before_it(tmp_path: Path) -> None:
     """The documented way to reach report_to integrations (called before user callbacks)."""
     early = LogRecorder()
@@ -352,6 +404,32 @@ def test_bad_strategy() -> None:
         GradClipCallback(1.0)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="no clipper yet"):
         GradClipCallback("norm:1").state_dict()
+
+
+BAD_SPECS = [
+    (
+        "norm:x",
+        TypeError,
+        r"bad spec 'norm:x' given to GradClipCallback: max_norm must be a real number",
+    ),
+    (
+        "norm:1.0,foo=2",
+        ValueError,
+        r"given to GradClipCallback: strategy 'norm' has no option 'foo'",
+    ),
+    ("zclip:z=-1", ValueError, r"given to GradClipCallback: z_thresh must be .*> 0; got -1"),
+    ("autoclip:p=200", ValueError, r"given to GradClipCallback: percentile must be in \(0, 100\]"),
+]
+
+
+@pytest.mark.parametrize(("spec", "error", "message"), BAD_SPECS, ids=[s for s, _, _ in BAD_SPECS])
+def test_spec_options_are_checked_at_construction(
+    spec: str, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        GradClipCallback(spec)
+    # Options that name parameters are checked when the clipper is bound to them.
+    GradClipCallback("agc:0.01,exclude=head.*")
 
 
 def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

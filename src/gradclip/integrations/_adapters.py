@@ -14,6 +14,7 @@ without pulling in another adapter's framework.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -63,11 +64,23 @@ def describe(strategy: object) -> str:
     return getattr(strategy, "__qualname__", None) or type(strategy).__name__
 
 
-def check_strategy(strategy: object, owner: str) -> None:
-    """Raise ``TypeError`` unless ``strategy`` is a spec string, a clipper or a callable.
+_NAME_DEPENDENT_OPTIONS = ("exclude",)
+"""Spec options checked against the parameters' names (AGC's ``exclude`` patterns must
+match one): left out of the construction-time check, which has no real names."""
 
-    A spec string is parsed and its strategy name checked at once (its options are
-    checked when the clipper is built), so a typo in the name fails at construction.
+
+def check_strategy(strategy: object, owner: str) -> None:
+    """Raise unless ``strategy`` is a valid spec string, a clipper or a callable.
+
+    A spec string is checked in full at once, so a mistake fails where the adapter is
+    built rather than inside training: the strategy name, then its options, by
+    building the clipper once against a one-element stand-in parameter (options
+    that name parameters, such as AGC's ``exclude``, are checked when the real
+    clipper is built).
+
+    Raises:
+        ValueError: an unknown strategy, a malformed spec, or an option out of range.
+        TypeError: an option of the wrong type, or a ``strategy`` of none of the kinds.
     """
     if isinstance(strategy, str):
         name, _ = parse_spec(strategy)
@@ -77,6 +90,15 @@ def check_strategy(strategy: object, owner: str) -> None:
                 f"unknown clipping strategy {name!r} in spec {strategy!r} given to {owner}; "
                 f"valid: {', '.join(sorted(valid))}"
             )
+        accepted = inspect.signature(valid[name]).parameters
+        overrides = {key: None for key in _NAME_DEPENDENT_OPTIONS if key in accepted}
+        stand_in = [("stand_in", torch.nn.Parameter(torch.zeros(1)))]
+        try:
+            from_spec(strategy, stand_in, **overrides)
+        except ValueError as error:
+            raise ValueError(f"bad spec {strategy!r} given to {owner}: {error}") from error
+        except TypeError as error:
+            raise TypeError(f"bad spec {strategy!r} given to {owner}: {error}") from error
         return
     if isinstance(strategy, Clipper | Chain) or callable(strategy):
         return
