@@ -444,3 +444,56 @@ def test_zero_policy_reports_scale_zero_on_a_nonfinite_step() -> None:
         two[6].grad[0] = bad
         clipper = NormClip([{"params": two[:5]}, {"params": two[5:]}], 1.0, nonfinite="zero")
         assert clipper.clip_().scale.item() == 0.0
+
+
+# -- sparse gradients: named, and nothing changes ----------------------------------------
+
+
+SPARSE_CASES = {
+    "norm": lambda p: NormClip(p, max_norm=1e-3),
+    "value": lambda p: ValueClip(p, clip_value=1e-3),
+    "noclip": lambda p: NoClip(p),
+    "agc": lambda p: gradclip.AGC(p),
+    "zclip": lambda p: gradclip.ZClip(p, warmup_steps=1),
+    "autoclip": lambda p: gradclip.AutoClip(p, 10),
+    "adagc": lambda p: gradclip.AdaGC(p, warmup_steps=1),
+    "emaratio": lambda p: gradclip.EMARatio(p, per_tensor=True, warmup_steps=0),
+}
+
+
+@pytest.mark.parametrize("where", [0, 3, 7])
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_a_sparse_gradient_is_named_and_nothing_changes(name: str, where: int) -> None:
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(8)]
+    named = [(f"layer{i}.weight", p) for i, p in enumerate(params)]
+    groups = [{"params": named[:5]}, {"params": named[5:]}]
+    for p in params:
+        p.grad = torch.randn(4, 3) * 10
+    clipper = SPARSE_CASES[name](groups)
+    clipper.clip_()  # a dense step first: there is state to keep
+    for p in params:
+        p.grad = torch.randn(4, 3) * 10
+    params[where].grad = params[where].grad.to_sparse()
+    before = [p.grad.clone() for p in params]
+    state = snapshot(clipper)
+    message = rf"gradient of layer{where}\.weight has layout torch\.sparse_coo; gradclip supports"
+    with pytest.raises(TypeError, match=message) as raised:
+        clipper.clip_()
+    error = raised.value  # the named error alone, not chained to torch's kernel error
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    assert clipper.step == 1
+    assert_same(snapshot(clipper), state)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad.to_dense(), b.to_dense())
+
+
+def test_other_errors_of_the_norm_pass_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    clipper = NormClip(params_with_grads(), max_norm=1.0)
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("norm kernel broke")
+
+    monkeypatch.setattr(clipper, "_tensor_norms", broken)
+    with pytest.raises(RuntimeError, match="norm kernel broke"):
+        clipper.clip_()
+    assert clipper.step == 0

@@ -252,3 +252,24 @@ def test_property_stats_match_the_union(assignment, seed, max_norm) -> None:
     )
     assert 0.0 <= stats.scale.item() <= 1.0 + 1e-6
     assert {id(p) for p in stats.params} == {id(params[i]) for i in touched}
+
+
+def test_first_seen_norms_follow_the_gradients_present_at_each_step() -> None:
+    """The first-seen bookkeeping is cached between steps; it must follow every change
+    of which parameters have gradients, including a return to an earlier set."""
+    params = make()
+    members = [NoClip(params[2:]), NoClip(params[:4]), NoClip(params)]
+    outer = chain(chain(members[0], members[1]), members[2])
+    missing_by_step = [(), (), (3,), (3,), (), (0, 5), (), (2, 3, 4, 5), (2, 3, 4, 5), ()]
+    for step, missing in enumerate(missing_by_step):
+        for i, (p, g) in enumerate(zip(params, grads_for(step))):
+            p.grad = None if i in missing else g
+        stats = outer.clip_()
+        # the reference: member by member, each parameter with a gradient the first time
+        order: list[int] = []
+        for bound in (range(2, 6), range(4), range(6)):
+            order += [i for i in bound if i not in missing and i not in order]
+        assert [id(q) for q in stats.params] == [id(params[i]) for i in order], step
+        expected = torch.stack([params[i].grad.norm() for i in order])
+        torch.testing.assert_close(stats.norms, expected, rtol=1e-6, atol=0)
+        assert stats.total_norm.item() == pytest.approx(norm64(params), rel=1e-6)

@@ -93,6 +93,37 @@ class _Plan:
     extra_pass: bool
 
 
+class _Take:
+    """The positions of a member's first-seen norms, and their index tensor per device."""
+
+    def __init__(self, positions: list[int]) -> None:
+        self.positions = positions
+        self._index: dict[torch.device, Tensor] = {}
+
+    def index_on(self, device: torch.device) -> Tensor:
+        """The positions as an int64 tensor on ``device`` (made once per device)."""
+        index = self._index.get(device)
+        if index is None:
+            index = self._index[device] = torch.tensor(self.positions, device=device)
+        return index
+
+
+@dataclass(frozen=True)
+class _Takes:
+    """Where each parameter's first-seen pre-clip norm comes from, for one set of results.
+
+    Attributes:
+        members: ``(result index, positions)`` per member that saw a parameter first;
+            positions None when all of that member's norms are taken.
+        params: the first-seen parameters, in order.
+        one_whole: a single member saw every parameter first (its total is reused).
+    """
+
+    members: tuple[tuple[int, _Take | None], ...]
+    params: tuple[Tensor, ...]
+    one_whole: bool
+
+
 class Chain:
     """Apply clippers in order; report one :class:`ClipStats` for all of them.
 
@@ -137,6 +168,7 @@ class Chain:
         self.step = 0
         self._plan_key: tuple[tuple[int, int], ...] | None = None
         self._plan: _Plan | None = None
+        self._takes: tuple[tuple[tuple[Tensor, ...], ...], _Takes] | None = None
 
     # -- the Clipper-like surface -------------------------------------------------------
 
@@ -184,27 +216,21 @@ class Chain:
         p = self.norm_type
 
         # Pre-clip norms: each parameter from the first member that had it.
-        seen: set[int] = set()
+        takes = self._first_seen(results)
         pieces: list[Tensor] = []
-        firsts: list[Tensor] = []
-        whole: list[bool] = []  # per contributing member: were all its norms taken?
-        for result in results:
-            take = [k for k, q in enumerate(result.params) if id(q) not in seen]
-            if not take:
-                continue
-            seen.update(id(result.params[k]) for k in take)
-            firsts.extend(result.params[k] for k in take)
-            whole.append(len(take) == len(result.params))
-            if whole[-1]:
-                pieces.append(result.norms.to(device))
+        for member, take in takes.members:
+            result_norms = results[member].norms
+            if take is None:
+                pieces.append(result_norms.to(device))
             else:
-                index = torch.tensor(take, device=result.norms.device)
-                pieces.append(result.norms.index_select(0, index).to(device))
+                index = take.index_on(result_norms.device)
+                pieces.append(result_norms.index_select(0, index).to(device))
         if not pieces:
             return ClipStats.empty(self.step)
+        firsts = takes.params
         dtype = _common_dtype([t.dtype for t in pieces])
         norms = torch.cat([t.to(dtype) for t in pieces])
-        if whole == [True]:  # one member saw every gradient first: reuse its total
+        if takes.one_whole:  # one member saw every gradient first: reuse its total
             first = next(r for r in results if r.params)
             total_norm = first.total_norm.to(device=device, dtype=dtype)
         else:
@@ -237,7 +263,7 @@ class Chain:
             finite=torch.isfinite(total_norm),
             step=torch.tensor(self.step, device=device),
             norms=norms,
-            params=tuple(firsts),
+            params=firsts,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,6 +304,37 @@ class Chain:
         return "chain(" + ", ".join(repr(m) for m in self.members) + ")"
 
     # -- internals -----------------------------------------------------------------------
+
+    def _first_seen(self, results: list[ClipStats]) -> _Takes:
+        """Which norms of which member are each parameter's first (cached).
+
+        The members' ``params`` tuples are the key, compared by identity: a clipper
+        whose parameters all have gradients hands out the same tuple every step, so
+        the per-parameter work (hundreds of ``id`` lookups) runs only when the set of
+        gradients changes. The cache holds the tuples, so an identity cannot be reused.
+        """
+        key = tuple(r.params for r in results)
+        cached = self._takes
+        if (
+            cached is not None
+            and len(cached[0]) == len(key)
+            and all(a is b for a, b in zip(cached[0], key))
+        ):
+            return cached[1]
+        seen: set[int] = set()
+        members: list[tuple[int, _Take | None]] = []
+        firsts: list[Tensor] = []
+        for index, params in enumerate(key):
+            take = [k for k, q in enumerate(params) if id(q) not in seen]
+            if not take:
+                continue
+            seen.update(id(params[k]) for k in take)
+            firsts.extend(params[k] for k in take)
+            members.append((index, None if len(take) == len(params) else _Take(take)))
+        one_whole = len(members) == 1 and members[0][1] is None
+        takes = _Takes(tuple(members), tuple(firsts), one_whole)
+        self._takes = (key, takes)
+        return takes
 
     def _current_plan(self) -> _Plan:
         """The block plan for the members' current parameter sets (cached)."""
