@@ -851,7 +851,7 @@ def test_a_chain_zeroes_every_gradient_it_binds() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     stats = handle.last_stats
     assert stats is not None and not bool(stats.finite)
-    assert float(stats.clipped_norm) == 0.0
+    assert float(stats.clipped_norm) == float(stats.scale) == 0.0
 
 
 def test_a_chain_member_with_a_conflicting_policy_is_refused() -> None:

@@ -439,7 +439,7 @@ class ClipHandle:
             grads = [p.grad for p in clipper.params if p.grad is not None]
             zero_if_nonfinite_(grads, stats.total_norm)
             clipped_norm = torch.where(stats.finite, stats.clipped_norm, 0.0)
-            scale = torch.where(stats.total_norm > 0, clipped_norm / stats.total_norm, 1.0)
+            scale = torch.where(stats.finite, stats.scale, 0.0)  # as a Clipper reports it
             stats = dataclasses.replace(stats, clipped_norm=clipped_norm, scale=scale)
         return stats
 
