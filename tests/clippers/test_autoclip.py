@@ -259,6 +259,7 @@ norm_sequences = st.lists(
 )
 
 
+@pytest.mark.filterwarnings("ignore:AutoClip percentile=0")  # percentiles below 1 on purpose
 @given(norms=norm_sequences, p=st.floats(0.5, 99.5), accuracy=st.sampled_from([0.01, 0.05]))
 def test_stream_is_within_relative_accuracy_of_the_exact_percentile(
     norms: list[float], p: float, accuracy: float
@@ -289,6 +290,39 @@ def test_stream_rank_on_a_long_stationary_lognormal() -> None:
         history = np.sort(total[: t + 1])
         rank = np.searchsorted(history, thresholds[t], side="right") / (t + 1)
         assert abs(rank - 0.10) <= 0.02, (t, rank)
+
+
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
+def test_window_rank_in_the_full_history_on_a_long_stationary_lognormal(q: float) -> None:
+    """The documented tolerance: 5,000 i.i.d. lognormal norms, window 1000. At every step
+    the window threshold's rank among all norms so far is q ± 5·sqrt(q(1 − q)/window)."""
+    window = 1000
+    param = one_param()
+    norms = np.random.default_rng(3).lognormal(0.0, 1.0, 5000)
+    clipper = AutoClip([param], 100 * q, history="window", window=window)
+    total, thresholds = drive(clipper, param, norms)
+    tolerance = 5 * math.sqrt(q * (1 - q) / window)
+    worst = 0.0
+    for t in range(window - 1, len(norms)):
+        history = np.sort(total[: t + 1])
+        rank = np.searchsorted(history, thresholds[t], side="right") / (t + 1)
+        worst = max(worst, abs(rank - q))
+    assert worst <= tolerance, (worst, tolerance)
+    # and it is the exact percentile of the last `window` norms, not an approximation
+    np.testing.assert_allclose(thresholds[-1], np.percentile(total[-window:], 100 * q), rtol=1e-12)
+
+
+def test_window_follows_a_drift_the_full_history_does_not() -> None:
+    """No bound without stationarity, by design: after a steady 100x decay the window's
+    10th percentile is far below the full history's."""
+    param = one_param()
+    rng = np.random.default_rng(4)
+    norms = rng.lognormal(0.0, 0.5, 5000) * np.geomspace(1.0, 0.01, 5000)
+    total, window = drive(AutoClip([param], 10, window=1000), param, norms)
+    _, full = drive(AutoClip([param], 10, history="full"), param, norms)
+    ranks = np.searchsorted(np.sort(total), [window[-1], full[-1]], side="right") / len(total)
+    assert ranks[0] < 0.05  # the window: far outside 0.1 ± 0.047
+    assert abs(ranks[1] - 0.1) <= 1 / len(total)  # the full history: the paper's rule
 
 
 # -- autoclip 0.2.1 -------------------------------------------------------------------------
@@ -660,3 +694,30 @@ def test_clip_is_sync_free(
                 p.grad = g
             clipper.clip_()
     assert int(clipper.state[0]["count"]) == 70 - len(range(4, 70, 9))
+
+
+@pytest.mark.parametrize("build", ["class", "spec", "group"])
+def test_a_quantile_given_as_percentile_warns_at_the_callers_line(build: str) -> None:
+    param = one_param()
+    with pytest.warns(
+        UserWarning,
+        match=r"percentile=0\.9 .*QuantileClip\(quantile=0\.9\) "
+        r"corresponds to percentile=90 \(did you mean percentile=90\?\)",
+    ) as record:
+        if build == "class":
+            AutoClip([param], 0.9)
+        elif build == "spec":
+            from_spec("autoclip:p=0.9", [param])
+        else:
+            clipper = AutoClip([param], 10)
+            clipper.add_param_group({"params": [one_param()], "percentile": 0.9})
+    assert len(record) == 1 and record[0].filename == __file__
+
+
+@pytest.mark.parametrize("percentile", [1, 1.0, 10, 90, 100])
+def test_percentiles_of_one_and_above_do_not_warn(percentile: float) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoClip([one_param()], percentile)
