@@ -23,7 +23,11 @@ holds it) unless that was already done this step, so they are unscaled exactly o
 
 **The strategy** is a spec string (``"norm:1.0"``, ``"zclip:z=2.5"``), a factory
 called with the optimizer's ``(name, parameter)`` pairs (names from the model), or a
-clipper bound already; spec and factory are built when training begins.
+clipper bound already; spec and factory are built when training begins, bound to the
+optimizer's parameters in the model's order (``model.parameters()``, the order the
+Trainer's own clip sums in), so ``GradClipCallback("norm:1.0")`` with
+``max_grad_norm=0`` trains bit-identically to ``max_grad_norm=1.0``. (The Trainer's
+default optimizer holds them in another order: weights that decay, then the rest.)
 
 **Logging.** When the Trainer logs its training metrics (every ``logging_steps``),
 the callback adds ``grad_norm_pre`` and ``grad_norm_post`` (the global norm before
@@ -101,7 +105,8 @@ class GradClipCallback(TrainerCallback):  # type: ignore[misc]
 
     Args:
         strategy: a spec string (``"zclip:z=2.5"``), a factory called with the
-            optimizer's ``(name, parameter)`` pairs, or a clipper bound already.
+            optimizer's ``(name, parameter)`` pairs (in the model's order), or a
+            clipper bound already.
 
     Raises:
         TypeError: ``strategy`` is none of those.
@@ -155,7 +160,9 @@ class GradClipCallback(TrainerCallback):  # type: ignore[misc]
                     f"{self!r} needs the model and optimizer at on_train_begin to build its "
                     "clipper; the Trainer passes them, a custom loop must too"
                 )
-            params = named_optimizer_params(optimizer, model.named_parameters())
+            params = _in_model_order(
+                named_optimizer_params(optimizer, model.named_parameters()), model
+            )
             self.clipper = build_clipper(self.strategy, params)
         if state.global_step > 0:
             path = _checkpoint_file(args, state)
@@ -263,6 +270,23 @@ class GradClipCallback(TrainerCallback):  # type: ignore[misc]
                 f"{self!r} cannot clip under DeepSpeed: it clips inside its engine (set "
                 "'gradient_clipping' in the DeepSpeed config)"
             )
+
+
+def _in_model_order(
+    pairs: list[tuple[str, Tensor]], model: torch.nn.Module
+) -> list[tuple[str, Tensor]]:
+    """The optimizer's ``(name, parameter)`` pairs sorted into ``model.parameters()`` order.
+
+    The Trainer's own clip (``max_grad_norm``) sums the per-parameter norms in the
+    model's order, while its default optimizer groups the parameters (decay, then no
+    decay); binding in the model's order makes ``"norm:c"`` bit-identical to
+    ``max_grad_norm=c``. Parameters the model does not hold keep their optimizer
+    order, after the model's.
+    """
+    position: dict[int, int] = {}
+    for index, p in enumerate(model.parameters()):
+        position.setdefault(id(p), index)
+    return sorted(pairs, key=lambda pair: position.get(id(pair[1]), len(position)))
 
 
 def _checkpoint_file(args: TrainingArguments, state: TrainerState) -> str:
