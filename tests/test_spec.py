@@ -78,3 +78,27 @@ def test_bad_specs_are_value_errors_naming_choices(spec: str, match: str | None)
 
 def test_registry_has_the_design_names() -> None:
     assert {"none", "norm", "value"} <= set(registry())
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [
+        ("emaratio:r=1.5,schedule=cosine:10", "Cosine"),
+        ("emaratio:1.5,per_tensor=true,schedule=warmup:5:0.5", "LinearWarmup"),
+        ("adagc:schedule=relax:4", "RelaxOnCalm"),
+        ("autoclip:p=10,schedule=constant:0.5", "Constant"),
+    ],
+)
+def test_every_norm_threshold_strategy_takes_a_schedule(spec: str, kind: str) -> None:
+    clipper = from_spec(spec, params())
+    assert type(clipper.param_groups[0]["schedule"]).__name__ == kind
+
+
+@pytest.mark.parametrize("spec", ["agc:schedule=cosine:10", "value:0.1,schedule=cosine:10"])
+def test_a_schedule_on_a_strategy_without_one_lists_those_with_one(spec: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"has no option 'schedule'.*Threshold schedules are options of the norm-threshold "
+        r"strategies only: adagc, autoclip, emaratio, norm, zclip$",
+    ):
+        from_spec(spec, params())

@@ -61,6 +61,12 @@ def from_spec(
         if key not in valid:
             aliases = ", ".join(f"{a}={t}" for a, t in cls.spec_aliases.items())
             hint = f" (aliases: {aliases})" if aliases else ""
+            if key == "schedule":
+                scheduled = sorted(n for n, c in strategies.items() if "schedule" in _options_of(c))
+                hint += (
+                    f". Threshold schedules are options of the norm-threshold strategies "
+                    f"only: {', '.join(scheduled)}"
+                )
             raise ValueError(
                 f"strategy {name!r} has no option {key!r} (spec {spec!r}); valid: "
                 f"{', '.join(valid) or 'none'}{hint}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -55,12 +55,17 @@ class ReferenceAdaGC:
         warmup_steps: int = 100,
         eps: float = EPS,
         p: float = 2.0,
+        schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.gamma: list[float | None] = [None] * n
         self.lambda_abs, self.lambda_rel, self.beta = lambda_abs, lambda_rel, beta
         self.warmup_steps, self.eps, self.p = warmup_steps, eps, p
+        self.schedule = schedule  # the thresholds' multiplier at 0-based call t
         self.t = 0
         self.threshold = math.inf
+
+    def _scaled(self, bound: float) -> float:
+        return bound if self.schedule is None else self.schedule(self.t - 1) * bound
 
     def step(self, norms: list[float | None]) -> list[float | None]:
         """Factors for the tensors with gradients (None where a tensor has none)."""
@@ -68,13 +73,14 @@ class ReferenceAdaGC:
         present = [n for n in norms if n is not None]
         if self.t <= self.warmup_steps:
             total = pnorm(present, self.p)
-            h = min(1.0, self.lambda_abs / (total + self.eps))
-            self.threshold = self.lambda_abs
+            self.threshold = self._scaled(self.lambda_abs)
+            h = min(1.0, self.threshold / (total + self.eps))
+            seen = min(1.0, self.lambda_abs / (total + self.eps))  # γ: unscheduled
             for i, n in enumerate(norms):
-                if n is None or n * h == 0:
+                if n is None or n * seen == 0:
                     continue
                 old = self.gamma[i]
-                self.gamma[i] = n * h if old is None else min(old, n * h)
+                self.gamma[i] = n * seen if old is None else min(old, n * seen)
             return [None if n is None else h for n in norms]
         factors: list[float | None] = []
         bounds = []
@@ -89,10 +95,12 @@ class ReferenceAdaGC:
                 self.gamma[i] = n if n > 0 else None
                 continue
             bound = self.lambda_rel * old
-            h = min(1.0, bound / (n + self.eps))
+            applied = self._scaled(bound)
+            h = min(1.0, applied / (n + self.eps))
             factors.append(h)
-            bounds.append(bound)
-            self.gamma[i] = self.beta * old + (1 - self.beta) * n * h
+            bounds.append(applied)
+            seen = n * min(1.0, bound / (n + self.eps))  # γ: unscheduled
+            self.gamma[i] = self.beta * old + (1 - self.beta) * seen
         self.threshold = pnorm(bounds, self.p)
         return factors
 
@@ -457,3 +465,32 @@ def test_clip_is_sync_free(no_cpu_branch: None, policy: str) -> None:
         for grads in sequences:
             set_grads(params, grads)
             clipper.clip_()
+
+
+# --- threshold schedules ----------------------------------------------------------------
+
+
+def cosine(total: int, final: float) -> Callable[[int], float]:
+    """The half-cosine multiplier, written from its formula (not from Cosine.factor)."""
+    return lambda t: final + (1 - final) * (1 + math.cos(math.pi * min(t, total) / total)) / 2
+
+
+def test_a_cosine_schedule_matches_the_reference_in_and_after_the_warmup() -> None:
+    """The schedule scales λ_abs in the warm-up and every λ_rel·γ_i after it; γ is updated
+    from the unscheduled clipped norms (with final factor 0.3 < 1/λ_rel, the scheduled
+    ones would shrink every γ geometrically)."""
+    params = make_params()
+    options = {"lambda_abs": 2.0, "warmup_steps": 40, "lambda_rel": 1.2, "beta": 0.9}
+    clipper = AdaGC(params, **options, schedule="cosine:80:0.3")
+    reference = ReferenceAdaGC(len(params), **options, schedule=cosine(80, 0.3))
+    run_against_reference(clipper, reference, params, grad_sequence(250, seed=6))
+    expected = [math.inf if g is None else g for g in reference.gamma]
+    gamma = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(clipper.state[0]["gamma"], gamma, rtol=1e-12, atol=0)
+    plain = AdaGC(make_params(), **options)
+    for grads in grad_sequence(250, seed=6):
+        set_grads(plain.param_groups[0]["params"], grads)
+        plain.clip_()
+    torch.testing.assert_close(
+        clipper.state[0]["gamma"], plain.state[0]["gamma"], rtol=1e-12, atol=0
+    )

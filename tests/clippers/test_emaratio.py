@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -59,9 +59,11 @@ class ReferenceEMARatio:
         per_tensor: bool = False,
         warmup_steps: int = 10,
         p: float = 2.0,
+        schedule: Callable[[int], float] | None = None,
     ) -> None:
         self.ratio, self.per_tensor, self.warmup_steps, self.p = ratio, per_tensor, warmup_steps, p
         self.averages = [Average(beta) for _ in range(n if per_tensor else 1)]
+        self.schedule = schedule  # the threshold's multiplier at 0-based call t
         self.t = 0
         self.threshold = math.inf
 
@@ -69,9 +71,11 @@ class ReferenceEMARatio:
         mean = average.mean()
         clipping = self.t > self.warmup_steps and mean is not None
         bound = self.ratio * mean if clipping else math.inf
-        h = min(1.0, bound / (norm + EPS))
-        average.values.append(norm * h)
-        return h, bound
+        applied = bound if self.schedule is None else self.schedule(self.t - 1) * bound
+        h = min(1.0, applied / (norm + EPS))
+        # the average sees the norm clipped at the unscheduled bound
+        average.values.append(norm * min(1.0, bound / (norm + EPS)))
+        return h, applied
 
     def step(self, norms: list[float | None]) -> list[float | None]:
         self.t += 1
@@ -420,3 +424,32 @@ def test_clip_is_sync_free(no_cpu_branch: None, policy: str) -> None:
         for grads in sequence:
             set_grads(params, grads)
             clipper.clip_()
+
+
+# --- threshold schedules ----------------------------------------------------------------
+
+
+def cosine(total: int, final: float) -> Callable[[int], float]:
+    """The half-cosine multiplier, written from its formula (not from Cosine.factor)."""
+    return lambda t: final + (1 - final) * (1 + math.cos(math.pi * min(t, total) / total)) / 2
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])
+def test_a_cosine_schedule_matches_the_reference(per_tensor: bool) -> None:
+    """The schedule multiplies the threshold applied; the average sees the norm clipped at
+    the unscheduled threshold (with final factor 0.3 and r = 1.5, feeding it the scheduled
+    clipped norms would shrink it by 0.45 per clipped step)."""
+    params = make_params()
+    clipper = EMARatio(
+        params, ratio=1.5, beta=0.9, per_tensor=per_tensor, warmup_steps=5, schedule="cosine:60:0.3"
+    )
+    reference = ReferenceEMARatio(
+        5, ratio=1.5, beta=0.9, per_tensor=per_tensor, warmup_steps=5, schedule=cosine(60, 0.3)
+    )
+    run_against_reference(clipper, reference, params, grad_sequence(200, seed=5))
+    plain = EMARatio(make_params(), ratio=1.5, beta=0.9, per_tensor=per_tensor, warmup_steps=5)
+    for grads in grad_sequence(200, seed=5):
+        set_grads(plain.param_groups[0]["params"], grads)
+        plain.clip_()
+    for key in ("ema", "weight"):  # the statistics never saw the schedule
+        torch.testing.assert_close(clipper.state[0][key], plain.state[0][key], rtol=1e-12, atol=0)

@@ -1,11 +1,11 @@
-"""Schedules from strings, and on the adaptive strategies (AutoClip, ZClip)."""
+"""Schedules from strings, and on the adaptive strategies (AutoClip, ZClip, EMARatio, AdaGC)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gradclip import AutoClip, NormClip, ZClip, from_spec
+from gradclip import AdaGC, AutoClip, EMARatio, NormClip, ZClip, from_spec
 from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm, parse_schedule
 
 
@@ -67,8 +67,11 @@ def test_spec_with_a_schedule_equals_the_instance() -> None:
     [
         lambda p, s: AutoClip(p, percentile=50, history="full", schedule=s),
         lambda p, s: ZClip(p, warmup_steps=3, z_thresh=1.0, schedule=s),
+        lambda p, s: EMARatio(p, ratio=1.5, beta=0.5, warmup_steps=2, schedule=s),
+        lambda p, s: EMARatio(p, ratio=1.5, beta=0.5, per_tensor=True, warmup_steps=2, schedule=s),
+        lambda p, s: AdaGC(p, lambda_abs=1.5, lambda_rel=1.2, warmup_steps=3, schedule=s),
     ],
-    ids=["autoclip", "zclip"],
+    ids=["autoclip", "zclip", "emaratio", "emaratio-per-tensor", "adagc"],
 )
 def test_adaptive_strategies_scale_the_applied_threshold_only(make) -> None:  # type: ignore[no-untyped-def]
     norms = [1.0, 1.2, 0.9, 1.1, 5.0, 1.0, 8.0, 1.05]
@@ -100,3 +103,39 @@ def test_schedule_state_round_trips_through_specs() -> None:
     for key, value in clipper.state_dict()["schedules"][0].items():
         other = fresh.state_dict()["schedules"][0][key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["emaratio:r=1.5,warmup_steps=2,schedule=relax:3", "adagc:warmup_steps=2,schedule=relax:3"],
+)
+def test_per_tensor_strategies_checkpoint_their_schedule(spec: str) -> None:
+    """A RelaxOnCalm schedule's state goes into the clipper's checkpoint and back: the
+    resumed clipper continues bit for bit (the factor grows on calm norms)."""
+
+    def grads(step: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return [torch.randn(4, generator=g) * (1 + 0.01 * step), torch.randn(3, generator=g)]
+
+    def run(clipper, ps, steps: range) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        out = []
+        for step in steps:
+            for p, g in zip(ps, grads(step)):
+                p.grad = g
+            out.append(clipper.clip_().threshold)
+            out += [p.grad.clone() for p in ps]
+        return out
+
+    def fresh() -> list[torch.nn.Parameter]:
+        return [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))]
+
+    a, b = fresh(), fresh()
+    straight, first = from_spec(spec, a), from_spec(spec, b)
+    run(straight, a, range(8))
+    run(first, b, range(8))
+    resumed = from_spec(spec, b)
+    resumed.load_state_dict(first.state_dict())
+    schedule = resumed.param_groups[0]["schedule"]
+    assert isinstance(schedule, RelaxOnCalm) and float(schedule.current_factor) > 1.0
+    for x, y in zip(run(straight, a, range(8, 14)), run(resumed, b, range(8, 14))):
+        assert torch.equal(x, y)

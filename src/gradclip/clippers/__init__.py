@@ -6,7 +6,7 @@ Importing this package registers every strategy for :func:`gradclip.from_spec`.
 from gradclip.clippers.adagc import AdaGC
 from gradclip.clippers.agc import AGC, final_classifier_names
 from gradclip.clippers.autoclip import AutoClip
-from gradclip.clippers.base import Clipper, GlobalNormClipper, GroupResult
+from gradclip.clippers.base import Clipper, GlobalNormClipper, GroupResult, ScheduledClipper
 from gradclip.clippers.compose import Chain, chain
 from gradclip.clippers.emaratio import EMARatio
 from gradclip.clippers.fixed import NoClip, NormClip
@@ -32,6 +32,7 @@ __all__ = [
     "NormClip",
     "RelaxOnCalm",
     "Schedule",
+    "ScheduledClipper",
     "ValueClip",
     "ZClip",
     "chain",

@@ -39,6 +39,12 @@ Where it deliberately differs, and why:
   cannot poison the thresholds. Such steps still count towards the warm-up.
 * Any p-norm (the paper uses L2); param groups each have their own options, and the
   warm-up clips each group by its own norm, as :class:`~gradclip.NormClip` does.
+* **An optional threshold schedule** (not in the paper; ``schedule=``, see
+  :mod:`gradclip.clippers.schedule`): a factor ``f_t`` of the step multiplies the
+  thresholds applied, ``f_t · λ_abs`` in the warm-up and ``f_t · λ_rel · γ_i`` after
+  it. γ is updated as without a schedule, from the norms clipped at ``λ_abs`` and
+  ``λ_rel · γ_i``: fed the scheduled clipped norms, any ``f_t < 1 / λ_rel`` (0.95
+  with the defaults) would shrink every γ geometrically, step after step.
 
 Defaults: λ_abs = 1.0, λ_rel = 1.05, β = 0.98, T = 100, eps = 1e-6. λ_rel, β and T are
 those of the public ``pytorch_optimizer`` port; the paper's text was not available to
@@ -65,12 +71,13 @@ from gradclip.clippers._ema import (
     scale_each_,
     scatter,
 )
-from gradclip.clippers.base import Clipper, GroupResult, ParamGroup, State
+from gradclip.clippers.base import GroupResult, ParamGroup, ScheduledClipper, State
+from gradclip.clippers.schedule import Schedule
 from gradclip.functional import scale_grads_
 from gradclip.norms import total_norm_of
 
 
-class AdaGC(Clipper):
+class AdaGC(ScheduledClipper):
     """Adaptive per-tensor gradient clipping (AdaGC, Wang et al., 2025).
 
     Each tensor is clipped to ``lambda_rel`` times an exponential moving average of its
@@ -94,6 +101,13 @@ class AdaGC(Clipper):
         beta: the EMA coefficient, in (0, 1). Default 0.98.
         warmup_steps: the number of initial steps with global clipping, ≥ 0. Default 100.
         eps: added to norms before dividing, ≥ 0. Default 1e-6.
+        schedule: a threshold schedule (a :class:`~gradclip.clippers.schedule.Schedule`
+            or a string such as ``"cosine:1000"``) that multiplies the thresholds
+            applied: ``λ_abs`` during the warm-up, every ``λ_rel · γ_i`` after it
+            (:class:`~gradclip.clippers.schedule.RelaxOnCalm` watches the group's
+            norm). γ never sees the scheduled value: it is updated with the norms
+            clipped at the unscheduled thresholds, as without a schedule, so a factor
+            below ``1 / λ_rel`` cannot drive it to zero.
         norm_type: p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``.
 
@@ -129,6 +143,7 @@ class AdaGC(Clipper):
         warmup_steps: int = 100,
         eps: float = 1e-6,
         *,
+        schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
     ) -> None:
@@ -138,6 +153,7 @@ class AdaGC(Clipper):
             "beta": beta,
             "warmup_steps": warmup_steps,
             "eps": eps,
+            "schedule": schedule,
         }
         super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
 
@@ -159,26 +175,39 @@ class AdaGC(Clipper):
         gamma_all = state["gamma"].to(norms.dtype)
         gamma = gather(gamma_all, index)
         total_norm = total_norm_of(norms, p)
+        # γ sees the norms clipped at the unscheduled thresholds (`seen`); the gradients
+        # are clipped at the scheduled ones (the same tensors without a schedule).
         if self.step <= group["warmup_steps"]:
-            threshold = torch.full_like(total_norm, group["lambda_abs"])
+            unscheduled = torch.full_like(total_norm, group["lambda_abs"])
+            threshold = self._scheduled(group, unscheduled, total_norm)
             scale = torch.clamp(threshold / (total_norm + eps), max=1.0)
             scale_grads_(grads, scale)
-            clipped = norms * scale
+            seen = norms * (
+                scale
+                if threshold is unscheduled
+                else torch.clamp(unscheduled / (total_norm + eps), max=1.0)
+            )
             # The running minimum of the clipped norms; a zero norm carries no scale.
-            new_gamma = torch.where(clipped > 0, torch.minimum(gamma, clipped), gamma)
+            new_gamma = torch.where(seen > 0, torch.minimum(gamma, seen), gamma)
             clipped_norm, was_clipped, applied = total_norm * scale, scale < 1.0, scale
         else:
             unset = torch.isinf(gamma)  # no γ yet: left unclipped (inf bound)
             bounds = group["lambda_rel"] * gamma
-            factors = torch.clamp(bounds / (norms + eps), max=1.0)
+            scheduled = self._scheduled(group, bounds, total_norm)
+            factors = torch.clamp(scheduled / (norms + eps), max=1.0)
             scale_each_(grads, factors)
             clipped = norms * factors
+            seen = (
+                clipped
+                if scheduled is bounds
+                else norms * torch.clamp(bounds / (norms + eps), max=1.0)
+            )
             beta = group["beta"]
-            ema = beta * gamma + (1.0 - beta) * clipped
+            ema = beta * gamma + (1.0 - beta) * seen
             # A tensor without γ takes its first nonzero norm as γ.
-            first = torch.where(clipped > 0, clipped, gamma)
+            first = torch.where(seen > 0, seen, gamma)
             new_gamma = torch.where(unset, first, ema)
-            threshold = total_norm_of(bounds, p)
+            threshold = total_norm_of(scheduled, p)
             clipped_norm = total_norm_of(clipped, p)
             was_clipped, applied = (factors < 1.0).any(), None
         finite = torch.isfinite(total_norm)

@@ -16,7 +16,9 @@ adaptive threshold.
 
 Subclasses set ``defaults`` through ``super().__init__`` and implement
 ``_clip_group`` (or, for strategies that scale a group by one factor, subclass
-:class:`GlobalNormClipper` and implement ``_threshold`` and ``_update``).
+:class:`GlobalNormClipper` and implement ``_threshold`` and ``_update``). A strategy
+with a threshold that may follow a schedule subclasses :class:`ScheduledClipper`
+(as :class:`GlobalNormClipper` does).
 """
 
 from __future__ import annotations
@@ -462,21 +464,21 @@ class Clipper:
         return collect_grads(pairs, empty_generator_ok=True)
 
 
-class GlobalNormClipper(Clipper):
-    """A strategy that scales all of a group's gradients by one factor, like torch.
+class ScheduledClipper(Clipper):
+    """A strategy whose threshold may follow a schedule of the step (its ``schedule`` option).
 
-    Subclasses give the threshold from their state (``_threshold``) and update the
-    state from this step (``_update``); the scale is torch's
-    ``min(1, threshold / (total_norm + 1e-6))``, applied in one fused pass.
+    A subclass that puts a ``"schedule"`` option in its defaults (None by default; see
+    :mod:`gradclip.clippers.schedule`) passes the threshold it computed through
+    :meth:`_scheduled` before clipping, with the 0-based index of this ``clip_()``
+    call as the step. The threshold may be 0-d (one bound for the group) or 1-D (one
+    bound per tensor, all multiplied alike). The convention of every strategy here:
+    the schedule scales the threshold *applied*; the strategy's own statistics never
+    see the scheduled value (they are updated as without a schedule), so a schedule
+    cannot feed back into the threshold it scales.
 
-    Threshold schedules: a subclass that puts a ``"schedule"`` option in its
-    defaults (None by default; see :mod:`gradclip.clippers.schedule`) gets the
-    threshold from ``_threshold`` passed through the group's schedule before the
-    scale is computed, with the 0-based index of this ``clip_()`` call as the step.
-    Schedule state is saved, loaded and reset with the clipper's. A group that
-    would share a schedule instance with an earlier group gets a deep copy, so
-    groups never share schedule state. Subclasses overriding ``_clip_group`` call
-    :meth:`_scheduled` themselves.
+    Schedule state is saved, loaded and reset with the clipper's. A group that would
+    share a schedule instance with an earlier group gets a deep copy, so groups never
+    share schedule state.
     """
 
     def add_param_group(self, group: dict[str, Any]) -> None:
@@ -491,7 +493,11 @@ class GlobalNormClipper(Clipper):
         super().add_param_group(group)
 
     def _scheduled(self, group: ParamGroup, threshold: Tensor, total_norm: Tensor) -> Tensor:
-        """``threshold`` through the group's schedule, if it has one (no host sync)."""
+        """``threshold`` through the group's schedule, if it has one (no host sync).
+
+        Returns ``threshold`` itself (the same tensor) when the group has no schedule
+        or the schedule leaves it unchanged, so callers can skip work with ``is``.
+        """
         schedule: Schedule | None = group.get("schedule")
         if schedule is None:
             return threshold
@@ -546,6 +552,20 @@ class GlobalNormClipper(Clipper):
         options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items() if k != "schedule")
         sizes = ", ".join(str(len(g["params"])) for g in self.param_groups)
         return f"{type(self).__name__}({options}; params per group: [{sizes}])"
+
+
+class GlobalNormClipper(ScheduledClipper):
+    """A strategy that scales all of a group's gradients by one factor, like torch.
+
+    Subclasses give the threshold from their state (``_threshold``) and update the
+    state from this step (``_update``); the scale is torch's
+    ``min(1, threshold / (total_norm + 1e-6))``, applied in one fused pass.
+
+    Threshold schedules (see :class:`ScheduledClipper`): with a ``"schedule"`` option
+    in its defaults, the threshold from ``_threshold`` goes through the group's
+    schedule before the scale is computed. Subclasses overriding ``_clip_group`` call
+    :meth:`_scheduled` themselves.
+    """
 
     @property
     def foldable(self) -> bool:

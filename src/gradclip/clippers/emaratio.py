@@ -13,11 +13,16 @@ the average and ``n`` the norm (of one tensor, or of the whole group with
     m_t = β · m_{t−1} + (1 − β) · h·n
 
 The factor is always applied (a clamped multiply, as torch's ``clip_grad_norm_`` and
-OLMo do), so there is no host sync.
+OLMo do), so there is no host sync. A threshold schedule (``schedule=``, see
+:mod:`gradclip.clippers.schedule`) multiplies the threshold applied, ``f_t · r · m̂``;
+the average is still updated with ``n · min(1, r · m̂ / (n + 1e-6))``, the norm
+clipped at the unscheduled threshold, so a schedule never feeds back into ``m``.
 
 Where this follows OLMo: the threshold rule, the EMA of clipped norms from before the
-step, the per-tensor mode, the ``1e-6`` in the division. (OLMo moves the average to
-exactly ``r·m`` on a clipped step; ``h·n`` differs from it by the 1e-6.)
+step, the per-tensor mode, the ``1e-6`` in the division, and the update itself: OLMo
+lerps the average towards ``grad_norm * clip_coef_clamped`` (its
+``_do_adaptive_clipping``), i.e. ``h·n``, the norm times the factor actually applied,
+as here. On a clipped step that is ``r·m · n / (n + 1e-6)``, a hair below ``r·m``.
 
 Where it deliberately differs, and why:
 
@@ -59,12 +64,13 @@ from gradclip.clippers._ema import (
     scale_each_,
     scatter,
 )
-from gradclip.clippers.base import Clipper, GroupResult, ParamGroup, State
+from gradclip.clippers.base import GroupResult, ParamGroup, ScheduledClipper, State
+from gradclip.clippers.schedule import Schedule
 from gradclip.functional import NORM_EPS, scale_grads_
 from gradclip.norms import total_norm_of
 
 
-class EMARatio(Clipper):
+class EMARatio(ScheduledClipper):
     """Clip to ``ratio`` times an EMA of past clipped gradient norms (OLMo's adaptive clipping).
 
     See the module docstring for the exact rule and where it differs from OLMo.
@@ -85,6 +91,13 @@ class EMARatio(Clipper):
         per_tensor: one EMA and one factor per tensor (OLMo) instead of per group.
         warmup_steps: the number of initial steps that are never clipped, ≥ 0.
             Default 10.
+        schedule: a threshold schedule (a :class:`~gradclip.clippers.schedule.Schedule`
+            or a string such as ``"cosine:1000"``) that multiplies the threshold
+            ``r · m̂`` applied each step (every per-tensor threshold alike with
+            ``per_tensor=True``; :class:`~gradclip.clippers.schedule.RelaxOnCalm`
+            watches the group's norm). The average never sees the scheduled value: it
+            is updated with the norm clipped at ``r · m̂``, as without a schedule, so a
+            factor below ``1 / r`` cannot drive it to zero.
         norm_type: p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``.
 
@@ -120,6 +133,7 @@ class EMARatio(Clipper):
         per_tensor: bool = False,
         warmup_steps: int = 10,
         *,
+        schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
     ) -> None:
@@ -128,6 +142,7 @@ class EMARatio(Clipper):
             "beta": beta,
             "per_tensor": per_tensor,
             "warmup_steps": warmup_steps,
+            "schedule": schedule,
         }
         super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
 
@@ -154,19 +169,24 @@ class EMARatio(Clipper):
             bound = torch.full_like(norm, math.inf)
         else:
             bound = torch.where(weight > 0, group["ratio"] * ema / weight, math.inf)
-        factor = torch.clamp(bound / (norm + NORM_EPS), max=1.0)
+        applied = self._scheduled(group, bound, total_norm)
+        factor = torch.clamp(applied / (norm + NORM_EPS), max=1.0)
         if group["per_tensor"]:
             scale_each_(grads, factor)
         else:
             scale_grads_(grads, factor)
         clipped = norm * factor
+        # The average sees the norm clipped at the strategy's own bound, not the schedule's.
+        seen = (
+            clipped if applied is bound else norm * torch.clamp(bound / (norm + NORM_EPS), max=1.0)
+        )
         finite = torch.isfinite(total_norm)
-        new_ema = self.keep_if_finite(finite, beta * ema + (1.0 - beta) * clipped, ema)
+        new_ema = self.keep_if_finite(finite, beta * ema + (1.0 - beta) * seen, ema)
         new_weight = self.keep_if_finite(finite, beta * weight + (1.0 - beta), weight)
         state["ema"] = scatter(ema_all, index, new_ema)
         state["weight"] = scatter(weight_all, index, new_weight)
         if group["per_tensor"]:
             return GroupResult(
-                total_norm_of(bound, p), total_norm_of(clipped, p), (factor < 1.0).any()
+                total_norm_of(applied, p), total_norm_of(clipped, p), (factor < 1.0).any()
             )
-        return GroupResult(bound, clipped, factor < 1.0, factor)
+        return GroupResult(applied, clipped, factor < 1.0, factor)

@@ -1,10 +1,17 @@
 """Threshold schedules: the threshold of a norm-based strategy as a function of the step.
 
 A schedule takes the threshold a strategy computed for this step and returns the
-one to clip to. Any :class:`~gradclip.clippers.base.GlobalNormClipper` accepts one
-through its ``schedule`` option (per parameter group)::
+one to clip to. Every norm-based strategy accepts one through its ``schedule`` option
+(per parameter group; :class:`~gradclip.clippers.base.ScheduledClipper`):
+:class:`~gradclip.NormClip`, :class:`~gradclip.AutoClip`, :class:`~gradclip.ZClip`,
+:class:`~gradclip.EMARatio` and :class:`~gradclip.AdaGC` (the per-tensor ones scale
+every tensor's threshold by the same factor)::
 
     clipper = NormClip(model.parameters(), max_norm=1.0, schedule=Cosine(1000, 0.1))
+
+A schedule scales only the threshold applied: the adaptive strategies' statistics
+(AutoClip's history, ZClip's μ and σ, EMARatio's average, AdaGC's γ) are updated as
+without it, so a schedule never feeds back into the threshold it scales.
 
 Four schedules:
 
@@ -55,12 +62,16 @@ class Schedule:
 
         Args:
             step: the 0-based index of the current ``clip_()`` call (a host int).
-            threshold: the strategy's threshold for this step (0-d tensor).
-            total_norm: the pre-clip norm the threshold will be compared with (0-d);
+            threshold: the strategy's threshold for this step: a 0-d tensor, or 1-D
+                with one bound per tensor for per-tensor strategies (EMARatio with
+                ``per_tensor=True``, AdaGC after its warm-up), all scaled alike.
+            total_norm: the group's pre-clip norm (0-d; per-tensor strategies
+                compare each tensor's norm with its own bound);
                 read only by schedules that adapt to the norms, never on the host.
 
         Returns:
-            The scheduled threshold, a 0-d tensor like ``threshold``.
+            The scheduled threshold, a tensor shaped like ``threshold``
+            (``threshold`` itself when the factor is exactly 1).
         """
         factor = self.factor(_check_step(step))
         return threshold if factor == 1.0 else threshold * factor
