@@ -19,13 +19,16 @@ counted and listed so they stay few.
 
 Every ``gradclip ...`` command in a ```` ```sh ```` block is parsed by the real command
 line (and its strategy specs and tasks validated) without running it: a renamed flag
-or an unknown spec in the docs fails here.
+or an unknown spec in the docs fails here. So is every command of
+``scripts/figures.py`` (``FIGURES[*].command``, which makes the guide's figures and is
+printed under them).
 """
 
 from __future__ import annotations
 
 import contextlib
 import doctest
+import importlib.util
 import io
 import shlex
 import sys
@@ -178,12 +181,35 @@ def _commands(block: Block) -> list[list[str]]:
     return out
 
 
+def _figure_commands() -> list[tuple[str, list[str]]]:
+    """``(figure name, argv after "gradclip")`` of every command in ``scripts/figures.py``."""
+    spec = importlib.util.spec_from_file_location(
+        "figures_commands", ROOT / "scripts" / "figures.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    out = []
+    for figure in module.FIGURES:
+        words = shlex.split(figure.command)
+        assert words[0] == "gradclip", f"figure {figure.name!r}: {figure.command!r}"
+        out.append((figure.name, words[1:]))
+    return out
+
+
 SHELL_COMMANDS = [
     pytest.param(argv, id=f"{block.where} gradclip {' '.join(argv[:2])}")
     for page in PAGES
     for block in blocks(page)
     if block.lang in SHELL
     for argv in _commands(block)
+] + [
+    pytest.param(argv, id=f"scripts/figures.py {name}: gradclip {' '.join(argv[:2])}")
+    for name, argv in _figure_commands()
 ]
 
 
