@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradclip
-from gradclip import _sync
+from gradclip import _agc, _sync, functional
 from helpers import (
     NORM_TYPES,
     SHAPE_SETS,
@@ -224,3 +224,181 @@ def test_clip_grad_agc_sync_free_named_and_no_grad(no_cpu_branch):
     with no_host_sync():
         gradclip.clip_grad_agc_([(f"p{i}", p) for i, p in enumerate(params)])
     assert_grads_close(params, expected, rtol=1e-5, atol=1e-9)
+
+
+# --- host-to-device copies -------------------------------------------------------------------
+# A blocking copy from the CPU to a device waits for the device's stream. ``meta`` stands in
+# for an accelerator: it is not the CPU, and ops on it run without data.
+
+COPYING = {
+    "to-device": lambda: torch.arange(3).to("meta"),
+    "copy_-to-device": lambda: torch.empty(3, device="meta").copy_(torch.ones(3)),
+    "computed-0d-to-device": lambda: torch.ones(3).sum().to("meta"),
+    "tensor-of-list-on-device": lambda: torch.tensor([0, 1], device="meta"),
+    "as_tensor-of-list-on-device": lambda: torch.as_tensor([0, 1], device="meta"),
+    "argsort-index-to-device": lambda: torch.tensor([2, 0, 1]).argsort().to("meta"),
+    "device-to-host": lambda: torch.ones(3, device="meta").to("cpu"),
+}
+
+COPY_FREE = {
+    "python-number-to-device": lambda: torch.tensor(0.5).to("meta"),
+    "python-number-on-device": lambda: torch.tensor(2, device="meta"),
+    "scalar_tensor-to-device": lambda: torch.scalar_tensor(2.0).to("meta"),
+    "cpu-scalar-operand": lambda: torch.ones(3, device="meta") * torch.tensor(2.0),
+    "python-scalars": lambda: torch.where(torch.ones(3, device="meta") > 0, 1.0, 0.0) * 2,
+    "built-on-device": lambda: torch.stack(torch.arange(4, device="meta").unbind(0)[::-1]),
+    "full-on-device": lambda: torch.full((), 0.5, device="meta"),
+    "cpu-to-cpu": lambda: torch.ones(3).to(torch.float64).copy_(torch.zeros(3)),
+    "list-on-cpu": lambda: torch.tensor([0, 1]).argsort(),
+}
+
+
+@pytest.mark.parametrize("name", list(COPYING))
+def test_guard_catches_host_device_copies(name):
+    with pytest.raises(HostSyncError, match="copy"), no_host_sync():
+        COPYING[name]()
+
+
+@pytest.mark.parametrize("name", list(COPY_FREE))
+def test_guard_allows_python_numbers_and_device_side_construction(name):
+    with no_host_sync():
+        COPY_FREE[name]()
+
+
+def test_guard_restores_tensor_factories():
+    with no_host_sync():
+        pass
+    assert torch.tensor([1, 2], device="meta").shape == (2,)
+    assert torch.as_tensor([1, 2], device="meta").shape == (2,)
+
+
+def meta_params(shapes, dtype=torch.float32):
+    """Parameters on the meta device: no data, so every op takes the accelerator path."""
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(torch.empty(shape, device="meta", dtype=dtype))
+        param.grad = torch.empty(shape, device="meta", dtype=dtype)
+        params.append(param)
+    return params
+
+
+# Repeated blocks (weight, bias, weight, bias, ...) interleave shapes, so per-shape work
+# comes back in another order than the caller's; plus a large tensor and 0-d scalars.
+INTERLEAVED = [*(SHAPE_SETS["linear"] * 3), (), (300, 300), (), (16, 8), (4, 4, 3, 3)]
+
+
+def assert_meta_scalar(total, dtype=torch.float32):
+    assert total.shape == () and total.device.type == "meta" and total.dtype == dtype
+
+
+@pytest.mark.parametrize("nonfinite", ["ignore", "zero"])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_clip_grad_norm_on_meta_copy_free(p, foreach, nonfinite):
+    params = meta_params(INTERLEAVED)
+    with no_host_sync():
+        total = gradclip.clip_grad_norm_(params, 1.0, p, foreach=foreach, nonfinite=nonfinite)
+    assert_meta_scalar(total)
+
+
+def test_clip_grad_norm_float64_on_meta_copy_free():
+    params = meta_params(INTERLEAVED, torch.float64) + meta_params([(5,)], torch.bfloat16)
+    with no_host_sync():
+        total = gradclip.clip_grad_norm_(params, 1.0)
+    assert_meta_scalar(total, torch.float64)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_get_total_norm_on_meta_copy_free(p):
+    grads = [q.grad for q in meta_params(INTERLEAVED)]
+    with no_host_sync():
+        assert_meta_scalar(gradclip.get_total_norm(grads, p))
+
+
+def test_clip_grads_with_norm_on_meta_copy_free():
+    params = meta_params(INTERLEAVED)
+    with no_host_sync():
+        gradclip.clip_grads_with_norm_(params, 1.0, torch.ones((), device="meta"))
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_clip_grad_value_on_meta_copy_free(foreach):
+    params = meta_params([*INTERLEAVED, (1 << 16,)])  # the one-pass path too
+    with no_host_sync():
+        gradclip.clip_grad_value_(params, 0.5, foreach=foreach)
+
+
+@pytest.mark.parametrize("nonfinite", ["ignore", "zero"])
+def test_clip_grad_agc_on_meta_copy_free(nonfinite):
+    params = meta_params(INTERLEAVED)
+    with no_host_sync():  # the first call: nothing is cached yet
+        total = gradclip.clip_grad_agc_(params, nonfinite=nonfinite)
+    assert_meta_scalar(total)
+    with no_host_sync():
+        gradclip.clip_grad_agc_(meta_params(INTERLEAVED[::-1]), nonfinite=nonfinite)
+
+
+def copying_caller_order(units):
+    """The permutation as AGC built it before: on the host, then copied to the device."""
+    order = [k for u in units for k in u.index]
+    return None if order == sorted(order) else torch.tensor(order).argsort()
+
+
+def test_guard_fails_agc_that_copies_its_permutation(monkeypatch):
+    # Outside the guard the copying variant is a correct AGC ...
+    params = agc_params(INTERLEAVED, seed=3)
+    expected = agc_reference(params)
+    monkeypatch.setattr(functional, "caller_order", copying_caller_order)
+    gradclip.clip_grad_agc_(params)
+    assert_grads_close(params, expected, rtol=1e-5, atol=1e-9)
+    # ... but on a device its per-step host-to-device copy is caught.
+    with pytest.raises(HostSyncError, match="host-to-device copy"), no_host_sync():
+        gradclip.clip_grad_agc_(meta_params(INTERLEAVED))
+
+
+def test_agc_permutation_is_built_once_per_device_and_order():
+    params = agc_params(INTERLEAVED, seed=4)
+    units = _agc.unit_clip_factors(params, grads_of(params), 0.01, 1e-3)
+    order = [k for u in units for k in u.index]
+    inverse = _agc.caller_order(units)
+    assert inverse is not None
+    assert torch.equal(inverse, torch.tensor(order).argsort())  # the host-built reference
+    assert _agc.caller_order(units) is inverse  # cached: no rebuild on the next step
+
+
+# --- device-side constants -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [(3, 0, 2, 1), (5,), (0, 0, 4), ()])
+def test_index_on_matches_torch_tensor_and_is_cached(index):
+    on_cpu = _sync.index_on(torch.device("cpu"), index)
+    torch.testing.assert_close(on_cpu, torch.tensor(index, dtype=torch.int64), rtol=0, atol=0)
+    with no_host_sync():
+        on_meta = _sync.index_on(torch.device("meta"), index)
+    assert on_meta.shape == (len(index),) and on_meta.dtype == torch.int64
+    assert _sync.index_on(torch.device("meta"), index) is on_meta
+
+
+@pytest.mark.parametrize("index", [(3, 0, 2, 2, 1), (0,), ()])
+def test_device_side_index_construction_gives_the_values(index):
+    # The construction used off the CPU, run on the CPU so its values can be read.
+    built = _sync._gather_index(torch.device("cpu"), index)
+    torch.testing.assert_close(built, torch.tensor(index, dtype=torch.int64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_side_values_construction_gives_the_values(dtype):
+    values = (0.5, 1 / 3, 2.0, 1e-30)
+    built = _sync._fill_values(torch.device("cpu"), dtype, values)
+    torch.testing.assert_close(built, torch.tensor(values, dtype=dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_on_matches_torch_tensor_and_is_cached(dtype):
+    values = (0.5, 1 / 3, 2.0)
+    on_cpu = _sync.values_on(torch.device("cpu"), dtype, values)
+    torch.testing.assert_close(on_cpu, torch.tensor(values, dtype=dtype), rtol=0, atol=0)
+    with no_host_sync():
+        on_meta = _sync.values_on(torch.device("meta"), dtype, values)
+    assert on_meta.shape == (3,) and on_meta.dtype == dtype
+    assert _sync.values_on(torch.device("meta"), dtype, values) is on_meta

@@ -9,6 +9,7 @@ several passes per parameter. Reference: Brock et al. 2021, arXiv:2102.06171.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,9 +122,22 @@ def caller_order(units: Sequence[UnitFactors]) -> Tensor | None:
 
     Per-tensor values come concatenated unit group by unit group (by shape);
     ``values.index_select(0, caller_order(units))`` puts them in the caller's order.
+    The permutation lives on the device of ``units[0]``; it is built there (no
+    host-to-device copy) once per device and order, then cached, so do not modify it.
     """
     order = [k for u in units for k in u.index]
-    return None if order == sorted(order) else torch.tensor(order).argsort()
+    if order == sorted(order):
+        return None
+    return _inverse_permutation(units[0].squares.device, tuple(order))
+
+
+@functools.lru_cache(maxsize=_sync.CACHE_SIZE)
+def _inverse_permutation(device: torch.device, order: tuple[int, ...]) -> Tensor:
+    """``torch.tensor(order).argsort()`` on ``device``, for a permutation ``order``."""
+    inverse = [0] * len(order)
+    for position, k in enumerate(order):
+        inverse[k] = position
+    return _sync.index_on(device, tuple(inverse))
 
 
 def norms_from_units(
@@ -205,11 +219,8 @@ def sharded_unit_clip_factors(
     w_norm, g_norm = global_norms[:count], global_norms[count:]
     factors, _, bounds = _factor_from_norms(w_norm, g_norm, clip_factor, eps)
     local_norms = tensor_norms([local_grads[k] for k in split]).to(g_norm.dtype)
-    share = torch.tensor(
-        [local_grads[k].numel() / max(1, grads[k].numel()) for k in split],
-        dtype=g_norm.dtype,
-        device=g_norm.device,
-    ).sqrt()
+    fractions = tuple(local_grads[k].numel() / max(1, grads[k].numel()) for k in split)
+    share = _sync.values_on(g_norm.device, g_norm.dtype, fractions).sqrt()
     out.append(
         UnitFactors(
             split,

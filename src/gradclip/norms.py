@@ -29,6 +29,7 @@ from torch import Tensor
 
 from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._params import ParamsLike, check_norm_type, collect_grads
+from gradclip._sync import index_on
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -217,7 +218,7 @@ def _reduce(local_norms: Tensor, reductions: Reductions, p: float) -> Tensor:
 
     out = local_norms
     for mesh, shard_dims, index in reductions:
-        where = torch.tensor(index, device=local_norms.device)
+        where = index_on(local_norms.device, tuple(index))
         values = local_norms.index_select(0, where)
         if math.isinf(p):
             # gloo's MAX keeps or drops a NaN depending on which rank holds it, so
