@@ -149,12 +149,27 @@ def test_clip_grad_norm_empty_list_and_no_grads():
     torch.testing.assert_close(result, torch.tensor(0.0), rtol=0, atol=0)
 
 
-def test_clip_grad_norm_tensor_max_norm_same_as_float():
+@pytest.mark.parametrize("branch", [True, False], ids=["cpu-branch", "branch-free"])
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_clip_grad_norm_tensor_max_norm_same_as_float(monkeypatch, branch, shape):
+    monkeypatch.setattr(gradclip._sync, "branch_on_cpu", branch)
     params = make_params(SHAPE_SETS["linear"], grad_scale=4.0)
     expected_params = clone_params(params)
     expected = torch.nn.utils.clip_grad_norm_(expected_params, 0.5)
-    actual = gradclip.clip_grad_norm_(params, torch.tensor(0.5))
+    actual = gradclip.clip_grad_norm_(params, torch.full(shape, 0.5))
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_grads_identical(params, grads_of(expected_params))
+
+
+def test_clip_grad_norm_tensor_max_norm_is_not_read_off_the_host(monkeypatch):
+    # Where reading the threshold would be a host sync, it is not read: a negative
+    # threshold tensor then acts as torch's does (a negative coefficient), instead of
+    # raising; on the CPU it is checked (test_params).
+    monkeypatch.setattr(gradclip._sync, "branch_on_cpu", False)
+    params = make_params(SHAPE_SETS["linear"], grad_scale=4.0)
+    expected_params = clone_params(params)
+    torch.nn.utils.clip_grad_norm_(expected_params, torch.tensor(-0.5))
+    gradclip.clip_grad_norm_(params, torch.tensor(-0.5))
     assert_grads_identical(params, grads_of(expected_params))
 
 
@@ -208,12 +223,41 @@ def test_clip_grads_with_norm_named_single_and_no_grad(dtype):
     assert_grads_identical(params, grads_of(expected_params))
 
 
-def test_clip_grads_with_norm_requires_tensor_total():
-    params = make_params([(3,)])
+@pytest.mark.parametrize(
+    ("total_norm", "pattern"),
+    [
+        (5.0, "total_norm must be a one-element Tensor .*; got float"),
+        (None, "total_norm must be a one-element Tensor .*; got NoneType"),
+        (torch.tensor([1.0, 2.0]), r"total_norm must be a one-element Tensor; got shape \(2,\)"),
+        (torch.zeros(0), r"total_norm must be a one-element Tensor; got shape \(0,\)"),
+        (torch.tensor(True), "total_norm must be a real Tensor; got dtype torch.bool"),
+        (torch.tensor(1 + 1j), "total_norm must be a real Tensor; got dtype torch.complex64"),
+    ],
+    ids=["float", "none", "two-elements", "empty", "bool", "complex"],
+)
+def test_clip_grads_with_norm_checks_total_norm_first(total_norm, pattern):
+    params = make_params([(3,), (2, 2)], grad_scale=10.0)
     before = grads_of(params)
-    with pytest.raises(TypeError, match="total_norm"):
-        gradclip.clip_grads_with_norm_(params, 1.0, 5.0)
+    with pytest.raises(TypeError, match=pattern):
+        gradclip.clip_grads_with_norm_(params, 1.0, total_norm)
     assert_grads_identical(params, before)
+
+
+def test_torch_clip_grads_with_norm_fails_late_on_a_bad_total():
+    # Why the check comes first: torch fails only in its multiply (after any earlier
+    # device group was scaled), with a message that does not name the argument.
+    params = make_params([(3,)], grad_scale=10.0)
+    with pytest.raises(RuntimeError, match="scalar tensor expected"):
+        torch.nn.utils.clip_grads_with_norm_(params, 1.0, torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_clip_grads_with_norm_one_element_total_same_as_0d(shape):
+    params = make_params(SHAPE_SETS["mlp"], grad_scale=2.0)
+    expected_params = clone_params(params)
+    torch.nn.utils.clip_grads_with_norm_(expected_params, 1.0, torch.tensor(7.5))
+    gradclip.clip_grads_with_norm_(params, 1.0, torch.full(shape, 7.5))
+    assert_grads_identical(params, grads_of(expected_params))
 
 
 # --- clip_grad_value_ ----------------------------------------------------------------------

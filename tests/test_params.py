@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import gradclip
-from gradclip._params import check_norm_type, check_threshold, collect_grads
+from gradclip._params import (
+    check_norm_type,
+    check_tensor_threshold,
+    check_threshold,
+    collect_grads,
+)
 from helpers import assert_grads_identical, clone_params, grads_of, make_params
+from sync_guard import no_host_sync
 
 # Every public clipping function, called with a threshold ``t`` and optional norm_type.
 CLIPPERS = {
@@ -134,6 +140,53 @@ def test_check_threshold_accepts(value, expected):
 def test_check_threshold_rejects(value, error, pattern):
     with pytest.raises(error, match=pattern):
         check_threshold(value, "max_norm")
+
+
+@pytest.mark.parametrize(
+    "value", [torch.tensor(True), torch.tensor(1 + 0j)], ids=["bool", "complex"]
+)
+def test_check_threshold_rejects_bool_and_complex_tensors(value):
+    with pytest.raises(TypeError, match="max_norm must be a real number; got a torch"):
+        check_threshold(value, "max_norm")
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_check_tensor_threshold_keeps_a_tensor_as_a_0d_view(shape):
+    value = torch.full(shape, 0.5, dtype=torch.float64)
+    result = check_tensor_threshold(value, "max_norm")
+    assert isinstance(result, torch.Tensor) and result.shape == ()
+    assert result.dtype == torch.float64 and result.data_ptr() == value.data_ptr()
+    assert check_tensor_threshold(2, "max_norm") == 2.0  # numbers as check_threshold
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "pattern"),
+    [
+        (torch.tensor(-1.0), ValueError, r"max_norm must be >= 0; got -1\.0"),
+        (torch.tensor(float("nan")), ValueError, "max_norm must be a finite number; got nan"),
+        (torch.ones(2), TypeError, r"one-element tensor; got shape \(2,\)"),
+        (torch.tensor(True), TypeError, "got a torch.bool tensor"),
+        ("1", TypeError, "max_norm must be a real number"),
+        (-1.0, ValueError, "max_norm must be >= 0"),
+    ],
+)
+def test_check_tensor_threshold_rejects_on_cpu(value, error, pattern):
+    with pytest.raises(error, match=pattern):
+        check_tensor_threshold(value, "max_norm")
+
+
+def test_check_tensor_threshold_reads_no_value_off_the_host(monkeypatch):
+    # Off the CPU reading the value would be a host sync: only shape and dtype are checked.
+    monkeypatch.setattr(gradclip._sync, "branch_on_cpu", False)
+    value = torch.tensor([-1.0])
+    with no_host_sync():
+        result = check_tensor_threshold(value, "max_norm")
+    assert result.shape == () and result.data_ptr() == value.data_ptr()
+    meta = torch.ones(1, device="meta")
+    with no_host_sync():
+        assert check_tensor_threshold(meta, "max_norm").shape == ()
+    with pytest.raises(TypeError, match="one-element"):
+        check_tensor_threshold(torch.ones(2, device="meta"), "max_norm")
 
 
 def test_check_threshold_zero_not_allowed():

@@ -301,6 +301,14 @@ def test_clip_grad_norm_on_meta_copy_free(p, foreach, nonfinite):
     assert_meta_scalar(total)
 
 
+def test_clip_grad_norm_on_meta_with_tensor_threshold_copy_free():
+    # A threshold tensor on the device is kept a tensor (as torch keeps it), not read.
+    params = meta_params(INTERLEAVED)
+    with no_host_sync():
+        total = gradclip.clip_grad_norm_(params, torch.ones((), device="meta"))
+    assert_meta_scalar(total)
+
+
 def test_clip_grad_norm_float64_on_meta_copy_free():
     params = meta_params(INTERLEAVED, torch.float64) + meta_params([(5,)], torch.bfloat16)
     with no_host_sync():

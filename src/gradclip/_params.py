@@ -18,6 +18,8 @@ from typing import TypeAlias
 import torch
 from torch import Tensor
 
+from gradclip._sync import branch_on_host
+
 ParamsLike: TypeAlias = Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 """A tensor, an iterable of tensors, or ``(name, tensor)`` pairs."""
 
@@ -157,19 +159,50 @@ def check_threshold(value: object, name: str, *, allow_zero: bool = True) -> flo
         TypeError: ``value`` is not a real number (bool included).
         ValueError: ``value`` is negative, NaN or infinite (or 0 when not allowed).
     """
-    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
-        raise TypeError(f"{name} must be a real number; got {value!r}")
-    if isinstance(value, Tensor) and value.numel() != 1:
-        raise TypeError(
-            f"{name} must be a number or a one-element tensor; got shape {tuple(value.shape)}"
-        )
-    number = float(value)
+    _check_threshold_type(value, name)
+    number = float(value)  # type: ignore[arg-type]
     if math.isnan(number) or math.isinf(number):
         raise ValueError(f"{name} must be a finite number; got {number}")
     if number < 0 or (number == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}; got {number}")
     return number
+
+
+def check_tensor_threshold(value: object, name: str) -> float | Tensor:
+    """:func:`check_threshold`, except that a tensor stays a tensor, as in ``torch.nn.utils``.
+
+    A one-element tensor is returned as a 0-d view, never read on the host where
+    that would wait for a device: its value is range-checked only where reading it
+    is free (a CPU tensor, see :func:`gradclip._sync.branch_on_host`). A negative or
+    NaN threshold tensor on an accelerator is not caught; it gives what torch gives.
+
+    >>> check_tensor_threshold(torch.tensor([0.5]), "max_norm")
+    tensor(0.5000)
+
+    Raises:
+        TypeError: not a real number or a one-element real tensor.
+        ValueError: a number, or a CPU tensor, that is negative, NaN or infinite.
+    """
+    if not isinstance(value, Tensor):
+        return check_threshold(value, name)
+    _check_threshold_type(value, name)
+    if branch_on_host([value]):
+        check_threshold(value, name)
+    return value.reshape(())
+
+
+def _check_threshold_type(value: object, name: str) -> None:
+    """TypeError unless ``value`` is a real number or a one-element real tensor."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"{name} must be a number or a one-element tensor; got shape {tuple(value.shape)}"
+            )
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number; got a {value.dtype} tensor")
 
 
 def check_norm_type(norm_type: object) -> float:

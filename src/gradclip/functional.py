@@ -9,8 +9,11 @@ with these documented differences:
   DTensor gradients give the global norm as a plain tensor (see :mod:`gradclip.norms`).
 * Bad arguments raise ``ValueError``/``TypeError`` before anything is modified: a
   negative, NaN or infinite threshold, ``norm_type <= 0``, a non-tensor item, a
-  sparse gradient, or an empty generator (torch warns and returns 0; an empty
-  generator is almost always an exhausted ``model.parameters()``).
+  sparse gradient, a ``total_norm`` that is not a one-element tensor, or an empty
+  generator (torch warns and returns 0; an empty generator is almost always an
+  exhausted ``model.parameters()``). A ``max_norm`` tensor stays a tensor, as in
+  torch; its value is checked only on the CPU, since reading it from an
+  accelerator would wait for the device.
 * A ``nonfinite`` policy (``"ignore"``, ``"raise"``, ``"zero"``; see
   :mod:`gradclip.nonfinite`); torch's ``error_if_nonfinite=True`` means ``"raise"``.
 
@@ -38,7 +41,13 @@ from gradclip._agc import (
 )
 from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip._foreach import mul_ as foreach_mul_
-from gradclip._params import ParamsLike, check_norm_type, check_threshold, collect_grads
+from gradclip._params import (
+    ParamsLike,
+    check_norm_type,
+    check_tensor_threshold,
+    check_threshold,
+    collect_grads,
+)
 from gradclip.nonfinite import (
     NonFinitePolicy,
     check_policy,
@@ -64,7 +73,7 @@ NORM_EPS = 1e-6
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: ParamsLike,
-    max_norm: float,
+    max_norm: float | Tensor,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -79,7 +88,9 @@ def clip_grad_norm_(
     Args:
         parameters: a tensor, an iterable of tensors, or ``named_parameters()`` pairs.
             Parameters without gradients are skipped.
-        max_norm: the largest allowed total norm, ``>= 0``.
+        max_norm: the largest allowed total norm, ``>= 0``: a number or a one-element
+            tensor (kept a tensor, as torch does; see
+            :func:`gradclip._params.check_tensor_threshold`).
         norm_type: p > 0, or ``inf``.
         error_if_nonfinite: as in torch; the same as ``nonfinite="raise"``.
         foreach: ``None`` uses fused kernels where the device has them.
@@ -105,7 +116,7 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     p = check_norm_type(norm_type)
-    max_norm = check_threshold(max_norm, "max_norm")
+    max_norm = check_tensor_threshold(max_norm, "max_norm")
     policy = check_policy(nonfinite, error_if_nonfinite=error_if_nonfinite)
     grads = collect_grads(parameters)
     if not grads:
@@ -125,7 +136,7 @@ def clip_grad_norm_(
 @torch.no_grad()
 def clip_grads_with_norm_(
     parameters: ParamsLike,
-    max_norm: float,
+    max_norm: float | Tensor,
     total_norm: Tensor,
     foreach: bool | None = None,
 ) -> None:
@@ -136,9 +147,13 @@ def clip_grads_with_norm_(
 
     Args:
         parameters: as for :func:`clip_grad_norm_`.
-        max_norm: the largest allowed total norm, ``>= 0``.
-        total_norm: the total norm, a 0-d tensor (not read on the host).
+        max_norm: as for :func:`clip_grad_norm_`.
+        total_norm: the total norm, a one-element tensor (not read on the host).
         foreach: ``None`` uses fused kernels where the device has them.
+
+    Raises:
+        TypeError: ``total_norm`` is not a one-element real tensor; other bad
+            arguments as for :func:`clip_grad_norm_`. Before any gradient is touched.
 
     Example:
         >>> w = torch.nn.Parameter(torch.zeros(2))
@@ -147,12 +162,27 @@ def clip_grads_with_norm_(
         >>> w.grad
         tensor([1.5000, 2.0000])
     """
-    max_norm = check_threshold(max_norm, "max_norm")
-    if not isinstance(total_norm, Tensor):
-        raise TypeError(f"total_norm must be a Tensor; got {type(total_norm).__name__}")
+    max_norm = check_tensor_threshold(max_norm, "max_norm")
+    total_norm = _check_total_norm(total_norm)
     grads = collect_grads(parameters)
     if grads:
         scale_grads_(grads.grads, clip_coefficient(max_norm, total_norm), foreach=foreach)
+
+
+def _check_total_norm(total_norm: object) -> Tensor:
+    """``total_norm`` as a 0-d view, or TypeError naming it (shape and dtype only: no sync)."""
+    if not isinstance(total_norm, Tensor):
+        raise TypeError(
+            "total_norm must be a one-element Tensor (as get_total_norm returns); got "
+            f"{type(total_norm).__name__}"
+        )
+    if total_norm.numel() != 1:
+        raise TypeError(
+            f"total_norm must be a one-element Tensor; got shape {tuple(total_norm.shape)}"
+        )
+    if total_norm.dtype == torch.bool or total_norm.is_complex():
+        raise TypeError(f"total_norm must be a real Tensor; got dtype {total_norm.dtype}")
+    return total_norm.reshape(())
 
 
 def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:

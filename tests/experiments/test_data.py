@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from gradclip.experiments import data
+from gradclip.experiments.runner import run
+from gradclip.experiments.tasks import TaskOptions, get_task
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
@@ -121,3 +123,30 @@ def _write(path: Path, payload: bytes) -> Path:
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(path, **arrays)
     return path
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_directory_with_dot_separated_idx_names(
+    tmp_path: Path, mnist_like, compress: bool
+) -> None:  # type: ignore[no-untyped-def]
+    images, labels = mnist_like
+    write_idx(tmp_path / "train-images.idx3-ubyte", images, compress=compress)
+    write_idx(tmp_path / "train-labels.idx1-ubyte", labels, compress=compress)
+    x, y = data.load_images(tmp_path)
+    torch.testing.assert_close(x, torch.tensor(images.reshape(40, -1) / 255.0, dtype=torch.float32))
+    assert y.tolist() == labels.tolist()
+
+
+def test_digits_mlp_trains_on_an_idx_directory(tmp_path: Path, mnist_like) -> None:  # type: ignore[no-untyped-def]
+    """The task end to end on IDX files: 28x28 inputs, ten classes, steps and an accuracy."""
+    images, labels = mnist_like
+    write_idx(tmp_path / "train-images-idx3-ubyte", images, compress=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, compress=True)
+    options = TaskOptions(data=str(tmp_path), batch_size=8, max_steps=6)
+    trainable = get_task("digits-mlp").build(options, 0)
+    assert trainable.model.net[0].in_features == 784  # type: ignore[index]
+    assert trainable.model.net[-1].out_features == int(labels.max()) + 1  # type: ignore[index]
+    assert trainable.settings["examples"] == 32  # 40 images, a fifth held out
+    result = run("digits-mlp", "norm:1.0", 0, options)
+    assert [r["step"] for r in result.rows] == [1, 2, 3, 4, 5, 6] and not result.diverged
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
+import torch
 
+from gradclip.experiments.compare import summarize
 from gradclip.experiments.runner import RESULT_COLUMNS, run
-from gradclip.experiments.tasks import TaskOptions
+from gradclip.experiments.tasks import TASKS, Task, TaskOptions, Trainable
 
 
 def test_unstable_lstm_diverges_unclipped_and_is_recorded() -> None:
@@ -51,3 +54,47 @@ def test_same_seed_same_rows() -> None:
 def test_bad_spec_fails_before_training() -> None:
     with pytest.raises(ValueError, match="unknown clipping strategy 'nrom'"):
         run("regression", "nrom:1.0")
+
+
+def _regression_task(spike_at: int | None) -> Task:
+    """Linear regression on fixed batches of 256: a loss that falls for ~30 steps, then
+    flattens into minibatch noise; ``spike_at`` multiplies that step's loss value by 10
+    (its gradient unchanged)."""
+
+    def build(options: TaskOptions, seed: int) -> Trainable:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(4096, 8, generator=generator)
+        y = x @ torch.randn(8, generator=generator) + 0.3 * torch.randn(4096, generator=generator)
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(8, 1)
+
+        def loss(step: int) -> torch.Tensor:
+            batch = slice(step * 256 % 4096, step * 256 % 4096 + 256)
+            value = torch.nn.functional.mse_loss(model(x[batch]).squeeze(-1), y[batch])
+            return value + 9 * value.detach() if step + 1 == spike_at else value
+
+        return Trainable(model, torch.optim.SGD(model.parameters(), lr=0.05), 120, 16, loss, dict)
+
+    return Task("spiky" if spike_at else "smooth", "", build)
+
+
+def test_an_injected_loss_spike_is_found_on_a_short_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At step 60 the loss is 10x its neighbours; the monitor's default window (100 steps,
+    spanning the descent) would miss it, the study's short one must not."""
+    monkeypatch.setitem(TASKS, "smooth", _regression_task(None))
+    monkeypatch.setitem(TASKS, "spiky", _regression_task(60))
+    smooth = run("smooth", "none", 0, check_every=10)
+    spiky = run("spiky", "none", 0, check_every=10)
+    before = [r["loss"] for r in smooth.rows]
+    after = [r["loss"] for r in spiky.rows]
+    assert after[59] == pytest.approx(10 * before[59], rel=1e-5)  # the injection, and only it
+    assert after[:59] == before[:59] and after[60:] == pytest.approx(before[60:], rel=1e-5)
+    assert before[0] > 50 * statistics.median(before[40:60])  # a short run's fast descent
+    assert [r["step"] for r in spiky.rows if r["loss_spike"]] == [60]
+    assert sum(r["loss_spike"] for r in smooth.rows) == 0
+    assert summarize([spiky]).loss_spikes == 1 and summarize([smooth]).loss_spikes == 0
+
+
+def test_options_that_leave_no_step_are_an_error_not_an_empty_run() -> None:
+    with pytest.raises(ValueError, match="batch size 100000 is larger than the 1438 training"):
+        run("digits-mlp", "none", 0, TaskOptions(batch_size=100_000))

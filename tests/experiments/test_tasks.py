@@ -11,6 +11,7 @@ import torch
 
 from gradclip.experiments import data
 from gradclip.experiments.models import CharRNN, TanhRNNCell
+from gradclip.experiments.runner import run
 from gradclip.experiments.tasks import TASKS, TaskOptions, get_task
 
 
@@ -86,3 +87,61 @@ def test_char_rnn_is_from_scratch() -> None:
 def test_unknown_task_lists_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="unknown task 'lstm'; valid: char-rnn, digits-mlp"):
         get_task("lstm")
+
+
+def test_char_rnn_samples_from_a_text_without_the_default_prompt(tmp_path: Path) -> None:
+    """A lowercase text has no "T": the prompt comes from the corpus, not a KeyError."""
+    path = tmp_path / "lower.txt"
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    path.write_text(text, encoding="utf-8")
+    result = run("char-rnn", "none", 0, TaskOptions(text=str(path), max_steps=3, batch_size=4))
+    assert not result.diverged and len(result.rows) == 3
+    assert result.sample is not None
+    assert result.sample.startswith("the ") and len(result.sample) == 4 + 120
+    assert set(result.sample) <= set(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "constant"),
+    [
+        ("lstm-sine", (0.5 + 0.01, 0.05)),  # sin² averages 1/2, plus the noise's 0.1²
+        ("digits-mlp", (math.log(10), 0.01)),  # ten balanced classes: ln 10 nats
+        ("regression", None),
+    ],
+)
+def test_constant_prediction_loss(name: str, constant: tuple[float, float] | None) -> None:
+    trainable = get_task(name).build(TaskOptions(max_steps=1), 0)
+    assert trainable.constant_loss is not None
+    if constant is not None:
+        assert trainable.constant_loss == pytest.approx(constant[0], abs=constant[1])
+    else:  # heavy-tailed targets: their variance, far above the clean signal's (20 features)
+        assert trainable.constant_loss > 20
+
+
+def test_char_rnn_constant_is_the_unigram_entropy(tmp_path: Path) -> None:
+    path = tmp_path / "ab.txt"
+    path.write_text("ab" * 1000, encoding="utf-8")  # two characters, equally frequent
+    trainable = get_task("char-rnn").build(TaskOptions(text=str(path), batch_size=4), 0)
+    # the targets (every character but the first of each stream) are nearly balanced
+    assert trainable.constant_loss == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "batch_size", "examples"), [("digits-mlp", 100_000, 1438), ("regression", 4096, 2048)]
+)
+def test_a_batch_larger_than_the_data_is_an_error(
+    name: str, batch_size: int, examples: int
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=f"batch size {batch_size} is larger than the {examples} training examples, so a "
+        "run would take no step",
+    ):
+        get_task(name).build(TaskOptions(batch_size=batch_size), 0)
+
+
+def test_file_options_are_declared_by_the_tasks_that_read_them() -> None:
+    assert {name: task.inputs for name, task in TASKS.items() if task.inputs} == {
+        "digits-mlp": ("data",),
+        "char-rnn": ("text",),
+    }

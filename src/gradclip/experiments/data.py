@@ -63,7 +63,8 @@ def load_images(path: str | Path) -> tuple[Tensor, Tensor]:
             (or ``images``/``labels``); or the IDX images file (``*-images-idx3-ubyte``,
             optionally ``.gz``), whose labels file is found beside it by name
             (``images`` → ``labels``, ``idx3`` → ``idx1``); or a directory holding
-            ``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]``.
+            ``train-images-idx3-ubyte[.gz]`` and ``train-labels-idx1-ubyte[.gz]``
+            (or the dot-separated ``train-images.idx3-ubyte`` of some mirrors).
 
     Returns:
         ``(x, y)``: float32 ``(n, pixels)`` in [0, 1] and int64 labels ``(n,)``.
@@ -75,7 +76,7 @@ def load_images(path: str | Path) -> tuple[Tensor, Tensor]:
     if not path.exists():
         raise DataError(f"--data {path}: no such file or directory")
     if path.is_dir():
-        path = _find(path, "train-images-idx3-ubyte")
+        path = _find(path, ("train-images-idx3-ubyte", "train-images.idx3-ubyte"))
     if path.suffix == ".npz":
         x, y = _load_npz(path)
     else:
@@ -139,11 +140,14 @@ def heavy_tailed_regression(
     return x, y, w_true
 
 
-def _find(directory: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz"):
-        if (directory / name).exists():
-            return directory / name
-    raise DataError(f"--data {directory}: no {stem} or {stem}.gz in this directory")
+def _find(directory: Path, stems: tuple[str, ...]) -> Path:
+    """The first of ``stems`` (or ``stem.gz``) in ``directory``."""
+    for stem in stems:
+        for name in (stem, stem + ".gz"):
+            if (directory / name).exists():
+                return directory / name
+    names = " or ".join(f"{stem}[.gz]" for stem in stems)
+    raise DataError(f"--data {directory}: no {names} in this directory")
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

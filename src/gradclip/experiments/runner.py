@@ -39,8 +39,23 @@ RESULT_COLUMNS = (
 ``total_norm`` is the global gradient norm before clipping and ``clipped_norm`` after;
 ``threshold`` is what the strategy clipped to (``inf`` when it did not clip);
 ``clipped`` is 1 when the gradient was scaled down; ``loss_spike`` is 1 where the
-monitor's robust spike detector flagged the loss. Same seed, same file, byte for byte.
+monitor's robust spike detector flagged the loss (with :data:`SPIKE_WINDOW` and
+:data:`SPIKE_THRESHOLD`). Same seed, same file, byte for byte.
 """
+
+SPIKE_WINDOW = 16
+"""Steps in the spike detectors' rolling window (the monitor's ``spike_window``).
+
+The study's runs are short (150 to a few hundred steps) and their loss falls fast at
+first. The monitor's default window, 100 steps, then spans most of the descent, whose
+spread hides any spike short of several hundred times the loss. Sixteen steps follow
+the descent, and an even count keeps a loss that alternates between two levels step
+by step (large-step SGD does that) from scoring every other step as a spike. A
+loss is scored from step 17 on.
+"""
+
+SPIKE_THRESHOLD = 6.0
+"""Robust z-score above which a loss (or total norm) is a spike (``spike_threshold``)."""
 
 TIMING_COLUMNS = ("task", "clip", "seed", "step", "time_ms")
 """The columns of ``timings.csv``: each step's wall time (forward, backward, clipping and
@@ -59,6 +74,7 @@ class RunResult:
         metrics: the task's held-out evaluation after training (empty if diverged).
         sample: generated text, for generative tasks that did not diverge.
         settings: the task's hyperparameters.
+        constant_loss: the task's loss of the best constant prediction, if it has one.
     """
 
     task: str
@@ -70,11 +86,17 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    constant_loss: float | None = None
 
     @property
     def diverged(self) -> bool:
         """Whether the loss became NaN or infinite."""
         return self.diverged_at is not None
+
+    @property
+    def initial_loss(self) -> float:
+        """The loss of step 1, before any update (NaN for a run without steps)."""
+        return float(self.rows[0]["loss"]) if self.rows else math.nan
 
 
 def run(
@@ -100,12 +122,17 @@ def run(
         The run's rows and outcome.
 
     Raises:
-        ValueError: an unknown task or a bad spec (before any training).
+        ValueError: an unknown task, a bad spec, or options that leave no step to
+            take (before any training).
     """
     options = options or TaskOptions()
     trainable = get_task(task).build(options, seed)
+    if trainable.steps < 1:
+        raise ValueError(f"task {task!r} has no step to take with these options ({options})")
     clipper = from_spec(clip, list(trainable.model.parameters()))
-    result = RunResult(task, clip, seed, settings=dict(trainable.settings))
+    result = RunResult(
+        task, clip, seed, settings=dict(trainable.settings), constant_loss=trainable.constant_loss
+    )
     times: list[float] = []
     pending: list[dict[str, Any]] = []
     lr = float(trainable.optimizer.param_groups[0]["lr"])
@@ -115,6 +142,8 @@ def run(
         per_layer=False,
         writers=[pending.append],
         norm_type=clipper.norm_type,
+        spike_window=SPIKE_WINDOW,
+        spike_threshold=SPIKE_THRESHOLD,
     )
     start = time.perf_counter()
     with monitor:

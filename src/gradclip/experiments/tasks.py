@@ -63,6 +63,10 @@ class Trainable:
         evaluate: held-out metrics after training (e.g. ``accuracy``).
         sample: for generative tasks, a text sample from the trained model.
         settings: the task's hyperparameters, for the report.
+        constant_loss: the training loss of the best constant prediction (the
+            targets' mean for a squared error, the class or character frequencies for
+            a cross-entropy): a run whose final loss is not below it learned nothing
+            from the inputs. None where a task has no such reference.
     """
 
     model: nn.Module
@@ -73,29 +77,36 @@ class Trainable:
     evaluate: Callable[[], dict[str, float]]
     sample: Callable[[], str] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    constant_loss: float | None = None
 
 
 @dataclass(frozen=True)
 class Task:
-    """A registered task: a name, a one-line description, and its builder."""
+    """A registered task: a name, a one-line description, and its builder.
+
+    Attributes:
+        inputs: the file options of :class:`TaskOptions` the task reads (``"data"``,
+            ``"text"``); the others are rejected for it.
+    """
 
     name: str
     description: str
     build: Callable[[TaskOptions, int], Trainable]
+    inputs: tuple[str, ...] = ()
 
 
 TASKS: dict[str, Task] = {}
 
 
 def register(
-    name: str, description: str
+    name: str, description: str, *, inputs: tuple[str, ...] = ()
 ) -> Callable[[Callable[[TaskOptions, int], Trainable]], Callable[[TaskOptions, int], Trainable]]:
-    """Register a task builder under ``name``."""
+    """Register a task builder under ``name`` (``inputs``: the file options it reads)."""
 
     def decorate(
         build: Callable[[TaskOptions, int], Trainable],
     ) -> Callable[[TaskOptions, int], Trainable]:
-        TASKS[name] = Task(name, description, build)
+        TASKS[name] = Task(name, description, build, inputs)
         return build
 
     return decorate
@@ -115,6 +126,32 @@ def get_task(name: str) -> Task:
 def _steps(options: TaskOptions, epochs: int, steps_per_epoch: int) -> int:
     total = (options.epochs or epochs) * steps_per_epoch
     return min(total, options.max_steps) if options.max_steps else total
+
+
+def _steps_per_epoch(examples: int, batch_size: int) -> int:
+    """Full batches in one pass over ``examples``.
+
+    Raises:
+        ValueError: not one full batch (a run would take no step).
+    """
+    if batch_size > examples:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {examples} training examples, so "
+            f"a run would take no step; use a batch size <= {examples}"
+        )
+    return examples // batch_size
+
+
+def _constant_mse(y: Tensor) -> float:
+    """The mean squared error of predicting the mean of ``y`` (its variance)."""
+    return float((y - y.mean()).pow(2).mean())
+
+
+def _constant_cross_entropy(labels: Tensor, classes: int) -> float:
+    """The cross-entropy (nats) of predicting the label frequencies: their entropy."""
+    p = torch.bincount(labels.flatten().cpu(), minlength=classes).double() / labels.numel()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
 
 
 def _sine(options: TaskOptions, seed: int, optimizer: str, lr: float) -> Trainable:
@@ -160,6 +197,7 @@ def _sine(options: TaskOptions, seed: int, optimizer: str, lr: float) -> Trainab
             "epochs": epochs,
             "hidden": 50,
         },
+        constant_loss=_constant_mse(y),
     )
 
 
@@ -183,7 +221,11 @@ def lstm_sine_unstable(options: TaskOptions, seed: int) -> Trainable:
     return _sine(options, seed, "sgd", 2.0)
 
 
-@register("digits-mlp", "feed-forward classifier on 8x8 digits (or --data MNIST), SGD lr 0.5")
+@register(
+    "digits-mlp",
+    "feed-forward classifier on 8x8 digits (or --data MNIST), SGD lr 0.5",
+    inputs=("data",),
+)
 def digits_mlp(options: TaskOptions, seed: int) -> Trainable:
     """An MLP (two hidden layers of 128) on the digits, SGD with momentum at a high lr."""
     device = torch.device(options.device)
@@ -200,7 +242,7 @@ def digits_mlp(options: TaskOptions, seed: int) -> Trainable:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     batch_size = options.batch_size or 64
     n = len(train)
-    steps_per_epoch = n // batch_size
+    steps_per_epoch = _steps_per_epoch(n, batch_size)
     epochs = options.epochs or 15
     order = torch.cat([train[torch.randperm(n, generator=generator)] for _ in range(epochs)])
     order = order.to(device)
@@ -232,16 +274,22 @@ def digits_mlp(options: TaskOptions, seed: int) -> Trainable:
             "hidden": "128,128",
             "examples": n,
         },
+        constant_loss=_constant_cross_entropy(y[train], classes),
     )
 
 
-@register("char-rnn", "from-scratch tanh RNN on Python's pydoc text (or --text), truncated BPTT")
+@register(
+    "char-rnn",
+    "from-scratch tanh RNN on Python's pydoc text (or --text), truncated BPTT",
+    inputs=("text",),
+)
 def char_rnn(options: TaskOptions, seed: int) -> Trainable:
     """A character RNN (hidden 128) trained with truncated BPTT over 50 characters, SGD lr 3.0.
 
     At lr 3.0 the unclipped loss climbs back up as gradients explode, a loose
     threshold barely helps and a tight one trains; at ``--lr 1`` training is stable
-    with or without clipping.
+    with or without clipping. Samples start from ``"The "``, or from the corpus' first
+    characters when it lacks one of those.
     """
     device = torch.device(options.device)
     text = data.load_text(options.text)
@@ -253,8 +301,15 @@ def char_rnn(options: TaskOptions, seed: int) -> Trainable:
     bptt = 50
     streams = len(ids) // batch_size
     if streams <= bptt + 1:
-        raise data.DataError(f"text of {len(ids)} characters is too short for batch {batch_size}")
-    ids = ids[: streams * batch_size].view(batch_size, streams).to(device)
+        raise data.DataError(
+            f"text of {len(ids)} characters is too short for batch size {batch_size}: each of "
+            f"the {batch_size} streams needs more than {bptt + 1} characters; use a smaller "
+            "batch size or a longer text"
+        )
+    ids = ids[: streams * batch_size].view(batch_size, streams)
+    constant = _constant_cross_entropy(ids[:, 1:], len(vocab))
+    ids = ids.to(device)
+    prompt = "The " if set("The ") <= set(index) else text[:4]
     model = CharRNN(len(vocab)).to(device)
     lr = options.lr or 3.0
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -281,9 +336,9 @@ def char_rnn(options: TaskOptions, seed: int) -> Trainable:
         return {"val_loss": float(nll), "bits_per_char": float(nll) / math.log(2)}
 
     def sample() -> str:
-        prompt = torch.tensor([index[c] for c in "The "], device=device)
-        out = model.sample(prompt, 120, torch.Generator(device=device).manual_seed(seed))
-        return "The " + "".join(vocab[i] for i in out)
+        start = torch.tensor([index[c] for c in prompt], device=device)
+        out = model.sample(start, 120, torch.Generator(device=device).manual_seed(seed))
+        return prompt + "".join(vocab[i] for i in out)
 
     return Trainable(
         model,
@@ -302,6 +357,7 @@ def char_rnn(options: TaskOptions, seed: int) -> Trainable:
             "epochs": epochs,
             "characters": len(text),
         },
+        constant_loss=constant,
     )
 
 
@@ -344,9 +400,9 @@ def regression_problem(options: TaskOptions, seed: int) -> RegressionProblem:
     n = len(x)
     epochs = options.epochs or 3
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])
+    steps_per_epoch = _steps_per_epoch(n, batch_size)
     torch.manual_seed(seed)
     init = nn.Linear(REGRESSION_FEATURES, 1)
-    steps_per_epoch = n // batch_size
     return RegressionProblem(
         x=x.to(device),
         y=y.to(device),
@@ -393,6 +449,7 @@ def regression(options: TaskOptions, seed: int) -> Trainable:
             "features": REGRESSION_FEATURES,
             "epochs": options.epochs or 3,
         },
+        constant_loss=_constant_mse(problem.y),
     )
 
 
