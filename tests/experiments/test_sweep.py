@@ -9,6 +9,7 @@ import pytest
 
 from gradclip.experiments.sweep import (
     SWEEP_COLUMNS,
+    SweepPoint,
     grid_points,
     parse_grid,
     plot_sweep,
@@ -73,3 +74,26 @@ def test_outputs(tmp_path: Path) -> None:
     assert csv_text[0].split(",") == list(SWEEP_COLUMNS) and len(csv_text) == 1 + 4
     png = plot_sweep(points, tmp_path / "s.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_heatmap_text_is_dark_on_light_cells_and_light_on_dark_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """viridis_r: the lowest error is a light yellow cell, the highest a dark purple one."""
+    from matplotlib.figure import Figure
+
+    kept: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: kept.append(self))
+    points = [
+        SweepPoint(lr=0.1, threshold=t, final_loss=v, clean_mse=v, weight_error=1.0,
+                   clip_rate=0.5, diverged=False)
+        for t, v in ((0.1, 0.01), (1.0, 1.0), (math.inf, 100.0))
+    ] + [
+        SweepPoint(lr=1.0, threshold=0.1, final_loss=math.nan, clean_mse=math.nan,
+                   weight_error=math.nan, clip_rate=1.0, diverged=True)
+    ]  # fmt: skip
+    plot_sweep(points, tmp_path / "s.png")
+    colours = {t.get_text(): t.get_color() for t in kept[0].axes[0].texts}
+    assert colours["0.01"] == "black"  # light yellow cell
+    assert colours["1e+02"] == "white"  # dark purple cell
+    assert colours["×"] == "black"  # a diverged cell is blank

@@ -259,15 +259,10 @@ def plot_sweep(points: list[SweepPoint], path: Path, *, command: str = "") -> Pa
             if point is None:
                 continue
             text = "×" if point.diverged else f"{point.clean_mse:.2g}"
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if point.diverged else "white",
-            )
+            color = "black"  # diverged cells are blank (white)
+            if not point.diverged and norm is not None and point.clean_mse > 0:
+                color = _text_color(image.cmap(norm(point.clean_mse)))
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(
         range(len(thresholds)),
         ["none" if math.isinf(c) else f"{c:g}" for c in thresholds],
@@ -284,6 +279,22 @@ def plot_sweep(points: list[SweepPoint], path: Path, *, command: str = "") -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _text_color(rgba: tuple[float, ...]) -> str:
+    """Black on a light cell, white on a dark one (relative luminance, WCAG weights).
+
+    >>> _text_color((0.99, 0.91, 0.14, 1.0)), _text_color((0.27, 0.0, 0.33, 1.0))
+    ('black', 'white')
+    """
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    # the luminance where black and white text have the same contrast ratio
+    return "black" if luminance > 0.179 else "white"
 
 
 def _loss(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor) -> Tensor:
