@@ -19,8 +19,22 @@ from typing import Any
 
 from gradclip.experiments.tasks import TASKS, TaskOptions
 
-DEMO_CLIPS = ("none", "norm:1.0", "value:0.5", "autoclip:p=10", "zclip")
 DEMO_TASKS = ("lstm-sine", "lstm-sine-unstable")
+DEMO_CLIPS: dict[str, tuple[str, ...]] = {
+    "lstm-sine": ("none", "norm:1.0", "value:0.5", "autoclip:p=10", "zclip"),
+    "lstm-sine-unstable": (
+        "none", "norm:0.05", "norm:0.1", "value:0.01", "norm:1.0", "autoclip:p=10",
+        "zclip:warmup_steps=5",
+    ),
+}  # fmt: skip
+"""The demo's strategies per setting.
+
+The classic setting gets the usual thresholds. At SGD lr 2.0 a norm-clipped step is
+at most lr × threshold long, so the unstable setting needs tight thresholds to train
+(norm 0.05 and 0.1, value 0.01); norm 1.0, AutoClip and ZClip (its warm-up cut to 5
+steps, or it would diverge before its first clip) stay finite or not but do not
+train there, and the report says so.
+"""
 
 
 class UsageError(ValueError):
@@ -74,8 +88,8 @@ def add_commands(commands: Any) -> None:
         "demo",
         help="the LSTM study: stable and unstable settings, with and without clipping",
         description="Compare no clipping, norm, value, AutoClip and ZClip on the tutorial's LSTM "
-        "in its classic (stable) setting and an unstable one; print the table and write the "
-        "report.",
+        "in its classic (stable) setting and an unstable one (SGD lr 2.0, with tighter "
+        "thresholds); print the table and write the report.",
     )
     demo.add_argument("--out", type=Path, default=Path("gradclip-demo"), help="output directory")
     demo.add_argument("--seeds", type=int, default=2, help="seeds per combination (default 2)")
@@ -96,6 +110,8 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int | None:
     import torch
 
     if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     return handler(args, "gradclip " + shlex.join(argv))
 
@@ -146,11 +162,15 @@ def _options(args: argparse.Namespace) -> TaskOptions:
 
 
 def _check_device(device: str) -> None:
+    """Compute on ``device`` and read the result back, as training will.
+
+    Allocating is not enough: a ``meta`` tensor allocates but holds no data.
+    """
     import torch
 
     try:
-        torch.empty(0, device=device)
-    except Exception as error:  # torch raises RuntimeError, ValueError or AssertionError
+        (torch.ones(2, device=device) * 2).sum().cpu()
+    except Exception as error:  # RuntimeError, ValueError, AssertionError, NotImplementedError
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--device {device!r} is not usable here: {first}") from None
 
@@ -178,14 +198,14 @@ def _progress(quiet: bool) -> Callable[[str, str, int], Callable[[int], None] | 
     return on_run
 
 
-def _study(tasks: list[str], clips: list[str], args: argparse.Namespace, command: str) -> int:
+def _study(tasks: list[str], clips: Any, args: argparse.Namespace, command: str) -> int:
     from gradclip.experiments.compare import compare, validate
 
     options = _options(args)
     try:
-        validate(tasks, clips, args.seeds)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        validate(tasks, clips, args.seeds, options)
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
     study = compare(
         tasks,
         clips,
@@ -218,7 +238,7 @@ def _compare(args: argparse.Namespace, command: str) -> int:
 
 def _demo(args: argparse.Namespace, command: str) -> int:
     args.batch_size = args.max_steps = args.data = args.text = args.lr = None
-    return _study(list(DEMO_TASKS), list(DEMO_CLIPS), args, command)
+    return _study(list(DEMO_TASKS), {t: list(DEMO_CLIPS[t]) for t in DEMO_TASKS}, args, command)
 
 
 def _sweep(args: argparse.Namespace, command: str) -> int:
@@ -257,22 +277,31 @@ def _sweep(args: argparse.Namespace, command: str) -> int:
 
 
 def _text_table(summaries: list[Any]) -> str:
+    """The summary table the commands print.
+
+    ``trained`` counts the runs that trained, ``step 1`` is the loss before any update
+    and ``spikes`` the loss spikes per run (see
+    :data:`~gradclip.experiments.compare.SUMMARY_COLUMNS`).
+    """
     from gradclip.experiments.report import label
 
     width = max(16, *(len(label(s.clip)) + 2 for s in summaries))
     head = (
-        f"{'strategy':<{width}}{'diverged':>9}{'final loss':>12}{'best loss':>11}"
-        f"{'clip rate':>10}{'ms/step':>9}"
+        f"{'strategy':<{width}}{'diverged':>9}{'trained':>9}{'step 1':>9}{'final loss':>12}"
+        f"{'best loss':>11}{'clip rate':>10}{'spikes':>8}{'ms/step':>9}"
     )
     lines = [head]
     for s in summaries:
-        final = f"{s.final_loss:.4g}" if math.isfinite(s.final_loss) else "-"
-        best = f"{s.best_loss:.4g}" if math.isfinite(s.best_loss) else "-"
         lines.append(
-            f"{label(s.clip):<{width}}{f'{s.diverged}/{s.runs}':>9}{final:>12}{best:>11}"
-            f"{s.clip_rate:>10.0%}{s.step_ms:>9.2f}"
+            f"{label(s.clip):<{width}}{f'{s.diverged}/{s.runs}':>9}{f'{s.trained}/{s.runs}':>9}"
+            f"{_g(s.initial_loss, 3):>9}{_g(s.final_loss, 4):>12}{_g(s.best_loss, 4):>11}"
+            f"{s.clip_rate:>10.0%}{s.loss_spikes:>8.2g}{s.step_ms:>9.2f}"
         )
     return "\n".join(lines)
+
+
+def _g(value: float, digits: int) -> str:
+    return f"{value:.{digits}g}" if math.isfinite(value) else "-"
 
 
 def _print_json(payload: dict[str, Any]) -> None:
