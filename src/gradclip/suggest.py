@@ -50,6 +50,17 @@ class ThresholdCandidate:
         clip_fraction: the fraction of the observed (finite) steps whose norm is above
             ``threshold``, i.e. that it would have clipped.
         rationale: one sentence on where the number comes from.
+
+    Example:
+        :func:`suggest_threshold` returns them; ``str()`` is the line
+        ``gradclip suggest`` prints:
+
+        >>> (candidate,) = suggest_threshold([1.0, 2.0, 3.0, 4.0, 100.0], mean_multiples=(),
+        ...                                  clip_fractions=(), percentiles=(50,))
+        >>> candidate.method, candidate.parameter, candidate.threshold, candidate.clip_fraction
+        ('autoclip', 50.0, 3.0, 0.4)
+        >>> print(candidate)  # doctest: +ELLIPSIS
+        3          autoclip (50): clips 40.0% of steps. The 50th percentile of the 5 ...
     """
 
     method: str

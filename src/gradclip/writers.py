@@ -401,6 +401,33 @@ class TensorBoardWriter(Writer):
     Raises:
         ImportError: the ``tensorboard`` package is missing; install the
             ``gradclip[tensorboard]`` extra.
+
+    Example:
+        ``TensorBoardWriter("runs/exp1")`` writes to a new run directory. Here a
+        stand-in for the ``SummaryWriter`` shows which scalars a block becomes: the
+        NaN loss is left out, the per-parameter column too (``per_layer=False``),
+        and the spike is written under ``spike/``:
+
+        >>> class Recorder:  # records what a SummaryWriter would be given
+        ...     def __init__(self):
+        ...         self.scalars = []
+        ...     def add_scalar(self, tag, value, step):
+        ...         self.scalars.append((tag, value, step))
+        ...     def flush(self):
+        ...         pass
+        >>> recorder = Recorder()
+        >>> writer = TensorBoardWriter(summary_writer=recorder, per_layer=False)
+        >>> columns = ("step", "total_norm", "loss", "param/fc.weight")
+        >>> spike = SpikeEvent(2, "total_norm", 9.0, 6.5)
+        >>> writer.write(
+        ...     LogBlock(columns, [[1, 0.5, float("nan"), 0.4], [2, 9.0, 1.25, 8.9]], (spike,))
+        ... )
+        >>> for scalar in recorder.scalars:
+        ...     print(scalar)
+        ('gradclip/total_norm', 0.5, 1)
+        ('gradclip/total_norm', 9.0, 2)
+        ('gradclip/loss', 1.25, 2)
+        ('gradclip/spike/total_norm', 9.0, 2)
     """
 
     def __init__(
@@ -563,7 +590,7 @@ class LogData:
 
 
 def read_log(path: str | os.PathLike[str]) -> LogData:
-    """Read a CSV or JSONL log written by :class:`CSVWriter` or :class:`JSONLWriter`.
+    r"""Read a CSV or JSONL log written by :class:`CSVWriter` or :class:`JSONLWriter`.
 
     The format is chosen by the suffix (``.csv``; ``.jsonl``, ``.ndjson``, ``.json``)
     or, failing that, by the first character. A last line without its newline (a
@@ -573,6 +600,19 @@ def read_log(path: str | os.PathLike[str]) -> LogData:
     Raises:
         LogFormatError: the file is missing, empty, or malformed (message names the
             file and line).
+
+    Example:
+        A hand-made log of norms (an empty field is a missing value):
+
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "norms.csv")
+        >>> with open(path, "w", encoding="utf-8") as f:
+        ...     _ = f.write("step,total_norm,loss\n1,0.5,2.0\n2,3.25,\n")
+        >>> log = read_log(path)
+        >>> log.columns, log.steps, len(log)
+        (('step', 'total_norm', 'loss'), [1, 2], 2)
+        >>> log.column("total_norm"), log.column("loss"), log.column("clipped", 0.0)
+        ([0.5, 3.25], [2.0, nan], [0.0, 0.0])
     """
     p = Path(path)
     try:

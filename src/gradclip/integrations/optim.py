@@ -159,6 +159,28 @@ class ClipHandle:
             logging interval). Steps a GradScaler skips by itself are not counted.
         steps: how many optimizer steps were clipped (a host int, skipped ones included).
         folded: whether the most recent step had the clip folded into a fused kernel.
+
+    Example:
+        A step whose gradient holds a NaN is skipped (``nonfinite="skip"``, the
+        default): the parameter is untouched and the skip is counted.
+
+        >>> from gradclip.clippers.fixed import NormClip
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([w], lr=1.0)
+        >>> handle = attach(opt, NormClip([w], max_norm=1.0))
+        >>> w.grad = torch.tensor([float("nan"), 1.0])
+        >>> opt.step()
+        >>> handle.steps, handle.skipped_steps, w.detach(), handle.last_stats.finite
+        (1, tensor(1), tensor([0., 0.]), tensor(False))
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> opt.step()
+        >>> handle.steps, handle.skipped_steps, w.detach(), handle.folded
+        (2, tensor(1), tensor([-0.6000, -0.8000]), False)
+        >>> handle
+        ClipHandle(NormClip on SGD, nonfinite='skip', attached, steps=2)
+        >>> handle.remove()
+        >>> handle.attached
+        False
     """
 
     def __init__(
