@@ -55,3 +55,26 @@ def test_pages_are_in_the_site_navigation() -> None:
     nav = set(re.findall(r"([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
     pages = {str(p.relative_to(ROOT / "docs")) for p in PAGES if p != README}
     assert pages <= nav, f"not in mkdocs.yml nav: {sorted(pages - nav)}"
+
+
+def test_reference_nav_labels_are_the_page_titles() -> None:
+    """An API reference page is listed in the navigation under its own title.
+
+    Guide pages may have a shorter label than their title; a reference page's label
+    names what is on it, so it must not drift from the page (``# Title``).
+    """
+    import re
+
+    entries = re.findall(
+        r"^\s*-\s+(?P<label>[^:\n]+):\s+(?P<path>reference/[\w/.-]+\.md)\s*$",
+        (ROOT / "mkdocs.yml").read_text(encoding="utf-8"),
+        re.M,
+    )
+    assert len(entries) >= 5, entries
+    wrong = []
+    for label, path in entries:
+        first = (ROOT / "docs" / path).read_text(encoding="utf-8").splitlines()[0]
+        title = first.removeprefix("# ").strip()
+        if label.strip() != title:
+            wrong.append(f"mkdocs.yml nav {label.strip()!r} for {path}, whose title is {title!r}")
+    assert not wrong, "\n".join(wrong)
