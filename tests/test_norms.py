@@ -158,6 +158,35 @@ def test_get_total_norm_bad_norm_type(bad):
         gradclip.get_total_norm([torch.ones(3)], bad)
 
 
+def sparse_tensor():
+    return torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "pattern"),
+    [
+        (["x"], r"^tensors\[0\] is a str; expected a Tensor$"),
+        ([torch.ones(2), 1.0], r"^tensors\[1\] is a float; expected a Tensor$"),
+        ([torch.ones(2), None], r"^tensors\[1\] is a NoneType"),
+        ([("w", torch.ones(2))], r"^tensors\[0\] is a tuple"),
+        ((t for t in [torch.ones(2), [torch.ones(2)]]), r"^tensors\[1\] is a list"),
+        ([torch.ones(2), sparse_tensor()], r"^tensors\[1\] has layout torch\.sparse_coo; .*dense"),
+    ],
+    ids=["str", "float", "none", "named-pair", "generator-list", "sparse"],
+)
+def test_get_total_norm_rejects_non_tensors_and_sparse_naming_the_item(tensors, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        gradclip.get_total_norm(tensors)
+
+
+def test_get_total_norm_input_errors_where_torch_gives_others():
+    # torch: a pybind error for a non-tensor, NotImplementedError for a sparse tensor.
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        torch.nn.utils.get_total_norm([torch.ones(2), 1.0])
+    with pytest.raises(NotImplementedError):
+        torch.nn.utils.get_total_norm([sparse_tensor()])
+
+
 # --- tensor_norms / total_norm_of / accumulation dtype -------------------------------------
 
 

@@ -12,6 +12,7 @@ import gradclip
 from gradclip._params import (
     check_norm_type,
     check_tensor_threshold,
+    check_tensors,
     check_threshold,
     collect_grads,
 )
@@ -62,6 +63,29 @@ def test_collect_grads_named_pairs_and_mixed_items():
     mixed = collect_grads([("w", model.weight), extra, ("b", model.bias)])
     assert [mixed.name(k) for k in range(3)] == ["w", "parameters[1]", "b"]
     assert mixed.grads[1] is extra.grad
+
+
+def test_collect_grads_records_the_gradient_types():
+    class Marked(torch.Tensor):
+        pass
+
+    params = make_params([(2,), (3,), (4,)], no_grad=(1,))
+    params[2].grad = params[2].grad.as_subclass(Marked)
+    grads = collect_grads(params)
+    assert grads.grad_types == {torch.Tensor, Marked}  # NoneType (params[1]) left out
+    named = collect_grads([("a", params[0]), ("b", params[1])])
+    assert named.grad_types == {torch.Tensor}
+    assert collect_grads([]).grad_types == frozenset()
+
+
+def test_check_tensors_returns_the_list_and_names_bad_items():
+    tensors = [torch.ones(2), torch.zeros(3)]
+    checked = check_tensors(iter(tensors))
+    assert len(checked) == 2 and all(a is b for a, b in zip(checked, tensors))
+    with pytest.raises(TypeError, match=r"^grads\[2\] is a int; expected a Tensor$"):
+        check_tensors([*tensors, 3], "grads")
+    with pytest.raises(TypeError, match=r"^tensors\[0\] has layout torch\.sparse_coo"):
+        check_tensors([sparse_embedding().weight.grad])
 
 
 def test_collect_grads_single_tensor_and_generator():

@@ -8,7 +8,7 @@ with hundreds of small gradients the bookkeeping otherwise costs as much as the 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.utils._foreach_utils as _foreach_utils
@@ -23,8 +23,16 @@ Groups = dict[GroupKey, tuple[list[Tensor], list[int]]]
 """(device, dtype) -> (the group's tensors, their positions in the caller's list)."""
 
 
-def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool | None) -> bool:
+def use_foreach(
+    tensors: Sequence[Tensor],
+    device: torch.device,
+    foreach: bool | None,
+    *,
+    types: Collection[type] = (),
+) -> bool:
     """Torch's rule: ``None`` picks the fused kernels where supported; ``True`` insists.
+
+    ``types``, if the caller already has them, are the distinct types of ``tensors``.
 
     Raises:
         RuntimeError: ``foreach=True`` on a device without fused kernels (torch's message).
@@ -33,7 +41,7 @@ def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool |
         # torch's _has_foreach_support, with the type test done once per distinct type.
         supported = _foreach_utils._foreach_supported_types
         return _device_has_foreach_support(device) and all(
-            t is type(None) or t in supported for t in set(map(type, tensors))
+            t is type(None) or t in supported for t in (types or set(map(type, tensors)))
         )
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(

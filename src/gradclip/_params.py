@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 import operator
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import repeat
 from typing import TypeAlias
 
 import torch
@@ -33,12 +32,15 @@ class GradList:
         grads: ``[p.grad for p in params]``.
         positions: each entry's position in the caller's iterable.
         given_names: names of ``(name, tensor)`` pairs, by entry; empty otherwise.
+        grad_types: the distinct types of ``grads``, so that later checks (fused kernel
+            support, DTensors) need no pass of their own.
     """
 
     params: list[Tensor]
     grads: list[Tensor]
     positions: list[int]
     given_names: dict[int, str]
+    grad_types: frozenset[type] = frozenset()
 
     def __len__(self) -> int:
         return len(self.grads)
@@ -91,7 +93,10 @@ def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -
     # which with hundreds of small gradients would cost as much as the clipping kernels.
     if all(issubclass(t, Tensor) for t in set(map(type, items))):
         found: list[Tensor | None] = list(map(_GRAD, items))
-        if any(map(operator.is_, found, repeat(None))):
+        # One pass tells both whether a gradient is missing and the gradients' types.
+        grad_types = set(map(type, found))
+        if _NONE_TYPE in grad_types:
+            grad_types.discard(_NONE_TYPE)
             positions = [i for i, g in enumerate(found) if g is not None]
             params = [items[i] for i in positions]  # type: ignore[misc]
             grads = [found[i] for i in positions]  # type: ignore[misc]
@@ -107,20 +112,57 @@ def collect_grads(parameters: ParamsLike, *, empty_generator_ok: bool = False) -
                 params.append(param)
                 positions.append(index)
         grads = [p.grad for p in params]  # type: ignore[misc]
-    result = GradList(params, grads, positions, given_names)
-    if any(layout is not torch.strided for layout in set(map(_LAYOUT, grads))):
-        for k, grad in enumerate(grads):
-            if grad.layout is not torch.strided:
-                raise TypeError(
-                    f"gradient of {result.name(k)} has layout {grad.layout}; gradclip "
-                    "supports dense (torch.strided) gradients only. Densify it with "
-                    "grad.to_dense() or use a dense embedding (sparse=False)"
-                )
+        grad_types = set(map(type, grads))
+    result = GradList(params, grads, positions, given_names, frozenset(grad_types))
+    _check_dense(grads, lambda k: f"gradient of {result.name(k)}", "gradients", "grad")
     return result
+
+
+def check_tensors(tensors: Iterable[object], label: str = "tensors") -> list[Tensor]:
+    """Check that every item is a dense tensor; return them as a list.
+
+    Args:
+        tensors: the items.
+        label: the argument's name; item ``i`` is called ``label[i]`` in errors.
+
+    Raises:
+        TypeError: an item is not a tensor, or is a sparse tensor.
+
+    >>> check_tensors([torch.zeros(2), 1.0])
+    Traceback (most recent call last):
+    ...
+    TypeError: tensors[1] is a float; expected a Tensor
+    """
+    items = list(tensors)
+    if not all(issubclass(t, Tensor) for t in set(map(type, items))):
+        for index, item in enumerate(items):
+            if not isinstance(item, Tensor):
+                raise TypeError(f"{label}[{index}] is a {type(item).__name__}; expected a Tensor")
+    checked: list[Tensor] = items  # type: ignore[assignment]
+    _check_dense(checked, lambda k: f"{label}[{k}]", "tensors", "tensor")
+    return checked
+
+
+def _check_dense(tensors: list[Tensor], name: Callable[[int], str], what: str, var: str) -> None:
+    """Raise ``TypeError`` naming the first sparse (non-strided) tensor, if any.
+
+    ``name(k)`` describes entry ``k``; ``what`` the kind of tensors; ``var`` the
+    variable name used in the suggested fix.
+    """
+    if all(layout is torch.strided for layout in set(map(_LAYOUT, tensors))):
+        return
+    for k, tensor in enumerate(tensors):
+        if tensor.layout is not torch.strided:
+            embedding = " or use a dense embedding (sparse=False)" if var == "grad" else ""
+            raise TypeError(
+                f"{name(k)} has layout {tensor.layout}; gradclip supports dense "
+                f"(torch.strided) {what} only. Densify it with {var}.to_dense(){embedding}"
+            )
 
 
 _GRAD = operator.attrgetter("grad")
 _LAYOUT = operator.attrgetter("layout")
+_NONE_TYPE = type(None)
 
 
 def split_named(item: object, index: int, label: str = "parameters") -> tuple[str, Tensor]:

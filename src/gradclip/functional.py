@@ -27,6 +27,7 @@ and writing them once. On accelerators the code stays branch-free, as torch's do
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 
 import torch
 from torch import Tensor
@@ -252,18 +253,27 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    clamp_grads_(collect_grads(parameters).grads, clip_value, foreach=foreach)
+    grads = collect_grads(parameters)
+    clamp_grads_(grads.grads, clip_value, foreach=foreach, types=grads.grad_types)
 
 
-def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None = None) -> None:
+def clamp_grads_(
+    grads: list[Tensor],
+    clip_value: float,
+    *,
+    foreach: bool | None = None,
+    types: Collection[type] = (),
+) -> None:
     """Clamp tensors to ``[-clip_value, clip_value]`` in place: the kernel of value clipping.
 
     DTensors are clamped through their local shards (plain and DTensor gradients may
     be mixed). A Partial DTensor (a pending sum) cannot be clamped piece by piece:
     its summands are multiplied by ``clamp(x) / x`` of the reduced value ``x``, a
-    factor in [0, 1] that commutes with the pending reduction.
+    factor in [0, 1] that commutes with the pending reduction. ``types``, if known,
+    are the distinct types of ``grads`` (:attr:`gradclip._params.GradList.grad_types`).
     """
-    if any_dtensor(grads):
+    if any_dtensor(grads, types=types):
+        types = ()
         grads = local_views(grads, linear=False)
         pending = [g for g in grads if is_dtensor(g)]
         if pending:
@@ -279,13 +289,15 @@ def clamp_grads_(grads: list[Tensor], clip_value: float, *, foreach: bool | None
     else:
         buckets = [(device, group) for (device, _), (group, _) in group_tensors(grads).items()]
     for device, group in buckets:
-        numels = list(map(Tensor.numel, group))
-        if max(numels) < VALUE_ONE_PASS_MIN_NUMEL:  # all small: no per-tensor split
+        if max(map(Tensor.numel, group)) < VALUE_ONE_PASS_MIN_NUMEL:  # all small: no split
             small, large = group, []
+            known = types if len(buckets) == 1 else ()  # the types of every gradient
         else:
+            numels = list(map(Tensor.numel, group))
             small = [g for g, n in zip(group, numels) if n < VALUE_ONE_PASS_MIN_NUMEL]
             large = [g for g, n in zip(group, numels) if n >= VALUE_ONE_PASS_MIN_NUMEL]
-        if small and use_foreach(small, device, foreach):
+            known = ()
+        if small and use_foreach(small, device, foreach, types=known):
             # Cache-resident: two fused calls beat a Python loop of one-pass clamps.
             torch._foreach_clamp_min_(small, -clip_value)
             torch._foreach_clamp_max_(small, clip_value)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradclip._foreach import Groups, group_tensors, use_foreach
-from gradclip._params import ParamsLike, check_norm_type, collect_grads
+from gradclip._params import ParamsLike, check_norm_type, check_tensors, collect_grads
 from gradclip._sync import index_on
 
 if TYPE_CHECKING:
@@ -64,11 +64,14 @@ def is_dtensor(tensor: Tensor) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
-def any_dtensor(tensors: Iterable[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a DTensor (one test per distinct type)."""
+def any_dtensor(tensors: Iterable[Tensor], *, types: Collection[type] = ()) -> bool:
+    """Whether any of ``tensors`` is a DTensor (one test per distinct type).
+
+    ``types``, if the caller already has them, are the distinct types of ``tensors``.
+    """
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and any(
-        issubclass(t, module.DTensor) for t in set(map(type, tensors))
+        issubclass(t, module.DTensor) for t in (types or set(map(type, tensors)))
     )
 
 
@@ -269,6 +272,9 @@ def get_total_norm(
         A 0-d tensor on the first tensor's device; ``tensor(0.)`` for no tensors.
 
     Raises:
+        TypeError: an item is not a tensor or is sparse (naming ``tensors[i]``), or
+            ``norm_type`` is not a number.
+        ValueError: ``norm_type`` is not > 0.
         RuntimeError: ``error_if_nonfinite`` and the norm is not finite.
 
     Example:
@@ -276,7 +282,7 @@ def get_total_norm(
         tensor(5.)
     """
     p = check_norm_type(norm_type)
-    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    tensors = [tensors] if isinstance(tensors, Tensor) else check_tensors(tensors)
     if not tensors:
         return torch.tensor(0.0)
     total = total_norm_of(tensor_norms(tensors, p, foreach=foreach), p)
