@@ -142,6 +142,71 @@ def test_raise_agc_names_parameter_in_caller_order(bad):
     assert_grads_identical(params, before)
 
 
+def huge_params(values, *, dtype=torch.float32):
+    """One parameter per row of ``values``, each gradient finite (the values given)."""
+    params = []
+    for row in values:
+        param = torch.nn.Parameter(torch.zeros(len(row), dtype=dtype))
+        param.grad = torch.tensor(row, dtype=dtype)
+        params.append(param)
+    return params
+
+
+def float64_norm(row, p):
+    """‖row‖_p in float64 from plain Python numbers (the reference for the message)."""
+    return max(abs(x) for x in row) if math.isinf(p) else sum(abs(x) ** p for x in row) ** (1 / p)
+
+
+@pytest.mark.parametrize(
+    ("values", "p"),
+    [
+        # Every per-tensor norm is finite; their total overflows float32.
+        ([[1.5e19, 0.0], [1.5e19, 1.0], [1.0, 2.0]], 2.0),
+        ([[2e38, 0.0], [3e38, 0.0]], 1.0),
+        # The per-tensor norm itself overflows (3e38 squared), though every value is finite.
+        ([[1.0, 2.0], [3e38, 0.0], [2e38, 0.0]], 2.0),
+        ([[1e30, 1e30, 1e30]], 3.0),
+    ],
+    ids=["total-l2", "total-l1", "per-tensor-l2", "per-tensor-l3"],
+)
+def test_raise_says_the_norm_overflowed_when_every_value_is_finite(values, p):
+    params = huge_params(values)
+    before = grads_of(params)
+    exact = [float64_norm(row, p) for row in values]
+    largest = max(range(len(exact)), key=exact.__getitem__)
+    with pytest.raises(NonFiniteGradientError) as info:
+        gradclip.clip_grad_norm_(params, 1.0, p, nonfinite="raise")
+    message = str(info.value)
+    assert f"norm of order {p} overflowed to inf" in message
+    assert "every gradient value is finite" in message
+    assert f"parameters[{largest}]" in message and info.value.name == f"parameters[{largest}]"
+    shown = float(message.split("largest per-tensor norm is ")[1].split(",")[0])
+    assert math.isclose(shown, exact[largest], rel_tol=1e-6)
+    assert "is not finite" not in message
+    assert_grads_identical(params, before)
+
+
+def test_raise_names_a_truly_nonfinite_gradient_after_an_overflowing_one():
+    # parameters[0]'s norm overflows but its values are finite; parameters[1] has an inf.
+    params = huge_params([[3e38, 3e38], [1.0, float("inf")], [1.0, 1.0]])
+    with pytest.raises(NonFiniteGradientError, match=r"gradient of parameters\[1\] is not finite"):
+        gradclip.clip_grad_norm_(params, 1.0, nonfinite="raise")
+
+
+def test_raise_agc_overflow_names_the_norm():
+    # AGC's total is an L2 norm; float32 unit norms of 3e38 overflow.
+    params = huge_params([[1.0, 2.0], [3e38, 3e38]])
+    with pytest.raises(NonFiniteGradientError, match=r"norm of order 2\.0 overflowed") as info:
+        gradclip.clip_grad_agc_(params, nonfinite="raise")
+    assert info.value.name == "parameters[1]"
+
+
+def test_overflow_error_without_a_norm_type():
+    error = NonFiniteGradientError.overflow("w", 3e38, math.inf, None)
+    assert str(error).startswith("the gradient norm overflowed to inf, although every")
+    assert error.name == "w" and isinstance(error, RuntimeError)
+
+
 # --- "zero" ---------------------------------------------------------------------------------
 
 

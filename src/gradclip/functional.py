@@ -126,7 +126,7 @@ def clip_grad_norm_(
     norms = tensor_norms(grads.grads, p, foreach=foreach, groups=groups)
     total_norm = total_norm_of(norms, p)
     if policy == "raise":
-        raise_if_nonfinite(grads, norms, total_norm)
+        raise_if_nonfinite(grads, norms, total_norm, norm_type=p)
     coefficient = clip_coefficient(max_norm, total_norm)
     scale_grads_(grads.grads, coefficient, foreach=foreach, groups=groups)
     if policy == "zero":
@@ -384,7 +384,7 @@ def clip_grad_agc_(
         norms = globalize_norms(grads.grads, norms, 2.0)
     total_norm = total_norm_of(norms, 2.0)
     if policy == "raise":
-        raise_if_nonfinite(grads, norms, total_norm)
+        raise_if_nonfinite(grads, norms, total_norm, norm_type=2.0)
     scale_units_(local_grads, groups)
     if policy == "zero":
         zero_if_nonfinite_(grads.grads, total_norm)

@@ -5,8 +5,10 @@ Policies for the functional API:
 * ``"ignore"``: torch's default. The gradients are scaled by the non-finite norm, so
   they become NaN; the optimizer step will spread the NaN into the parameters.
 * ``"raise"``: raise :class:`NonFiniteGradientError` naming the first parameter whose
-  gradient is not finite (its name when named parameters were given). Checking needs
-  one host sync per call, as torch's ``error_if_nonfinite=True`` does.
+  gradient is not finite (its name when named parameters were given), or saying that
+  that the norm overflowed when every gradient value is finite but a norm is not
+  (float32 gradients with values above about 1.8e19). Checking needs one host sync per call, as
+  torch's ``error_if_nonfinite=True`` does.
 * ``"zero"``: set every gradient to zero for this step, so a plain SGD step leaves the
   parameters unchanged. Stateful optimizers still advance their state (momentum
   decays, Adam's step count grows); skipping the step altogether is the ``"skip"``
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from gradclip._params import GradList
 from gradclip._sync import branch_on_host
-from gradclip.norms import local_views
+from gradclip.norms import is_dtensor, local_views
 
 __all__ = [
     "NonFiniteGradientError",
@@ -59,16 +61,46 @@ STEP_POLICIES: tuple[str, ...] = get_args(StepPolicy)
 class NonFiniteGradientError(RuntimeError):
     """A gradient is NaN or infinite and the policy is ``"raise"``.
 
+    Also raised when every gradient value is finite but the norm overflows
+    (:meth:`overflow`).
+
     Attributes:
-        name: the first parameter with a non-finite gradient.
+        name: the first parameter with a non-finite gradient; for an overflowing
+            total norm, the parameter whose gradient has the largest norm.
     """
 
-    def __init__(self, name: str, total_norm: float) -> None:
+    def __init__(self, name: str, total_norm: float, *, message: str | None = None) -> None:
         self.name = name
-        super().__init__(
-            f"gradient of {name} is not finite (total norm {total_norm}); the gradients "
-            "were left untouched. Choose nonfinite='zero' or 'ignore' to go on, or look "
-            "for the cause (learning rate too high, a log or division of zero, fp16 overflow)"
+        if message is None:
+            message = (
+                f"gradient of {name} is not finite (total norm {total_norm}); the gradients "
+                "were left untouched. Choose nonfinite='zero' or 'ignore' to go on, or look "
+                "for the cause (learning rate too high, a log or division of zero, fp16 overflow)"
+            )
+        super().__init__(message)
+
+    @classmethod
+    def overflow(
+        cls, name: str, largest: float, total_norm: float, norm_type: float | None
+    ) -> NonFiniteGradientError:
+        """Every gradient value is finite, but the norm overflowed its dtype.
+
+        Args:
+            name: the parameter whose gradient has the largest norm.
+            largest: that norm.
+            total_norm: the overflowed total (inf).
+            norm_type: the order p of the norms, if known.
+        """
+        order = "" if norm_type is None else f" of order {norm_type}"
+        return cls(
+            name,
+            total_norm,
+            message=(
+                f"the gradient norm{order} overflowed to {total_norm}, although every "
+                f"gradient value is finite (the largest per-tensor norm is {largest}, of {name}); "
+                "the gradients were left untouched. Scale the loss down, or choose "
+                "nonfinite='zero' or 'ignore' to go on"
+            ),
         )
 
 
@@ -101,13 +133,36 @@ def check_policy(policy: object, *, error_if_nonfinite: bool = False) -> NonFini
     return policy  # type: ignore[return-value]
 
 
-def raise_if_nonfinite(grads: GradList, norms: Tensor, total_norm: Tensor) -> None:
-    """The ``"raise"`` policy: one host sync, and an error naming the first culprit."""
+def raise_if_nonfinite(
+    grads: GradList, norms: Tensor, total_norm: Tensor, *, norm_type: float | None = None
+) -> None:
+    """The ``"raise"`` policy: one host sync, and an error naming the first culprit.
+
+    ``norms`` are the per-tensor norms of ``grads`` and ``total_norm`` their total of
+    order ``norm_type`` (2 if not given). A norm can overflow although every value of
+    its gradient is finite (float32 squares overflow above about 1.8e19): then the
+    error says that the total norm overflowed, with the largest per-tensor norm
+    (recomputed in float64), instead of blaming a parameter. Looking at the values
+    costs more syncs, but only once the step is known to fail.
+    """
     if bool(torch.isfinite(total_norm)):
         return
-    bad = (~torch.isfinite(norms)).nonzero()
-    index = int(bad[0]) if len(bad) else 0
-    raise NonFiniteGradientError(grads.name(index), float(total_norm))
+    for k in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+        grad = grads.grads[k]
+        # A DTensor's values are checked on every rank by its (global) norm only.
+        if is_dtensor(grad) or not bool(torch.isfinite(grad).all()):
+            raise NonFiniteGradientError(grads.name(k), float(total_norm))
+    p = 2.0 if norm_type is None else norm_type
+    exact = [
+        float(norms[k])
+        if is_dtensor(g)
+        else float(torch.linalg.vector_norm(g, p, dtype=torch.float64))
+        for k, g in enumerate(grads.grads)
+    ]
+    largest = max(range(len(exact)), key=exact.__getitem__)
+    raise NonFiniteGradientError.overflow(
+        grads.name(largest), exact[largest], float(total_norm), norm_type
+    )
 
 
 def zero_if_nonfinite_(grads: list[Tensor], total_norm: Tensor) -> None:
