@@ -188,18 +188,21 @@ def sweep(
     import torch.distributed as dist
 
     owns_group = not dist.is_initialized()
+    rank = int(os.environ.get("RANK", "0")) if owns_group else dist.get_rank()
+    # Train before joining the group: the training's first torch.func call imports
+    # torch._dynamo, which, once a gloo group exists, keeps references to it that
+    # destroy_process_group() does not release; the group then dies at interpreter
+    # exit and can abort the process (pytorch/pytorch PR #179291). The group is needed
+    # only to gather the shares.
+    mine = sweep_vectorized(split(points, rank, world), seed=seed, options=options)
     if owns_group:
         dist.init_process_group("gloo")
     try:
-        rank = dist.get_rank()
-        mine = sweep_vectorized(split(points, rank, world), seed=seed, options=options)
         gathered: list[list[SweepPoint] | None] = [None] * world if rank == 0 else []
         dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
         if owns_group:
             dist.barrier()  # no rank closes the group while a peer still uses it
     finally:
-        # A gloo group still alive at interpreter exit, or closed while a peer still
-        # uses it, can abort the process (SIGABRT): close the group this call opened.
         if owns_group:
             dist.destroy_process_group()
     if rank != 0:
