@@ -167,6 +167,56 @@ def test_agc_interleaved_mix_with_no_grad_and_names(dtype):
     assert_grads_close(named, grads_of(params), rtol=1e-5, atol=1e-12)
 
 
+# --- complex parameters ---------------------------------------------------------------------
+
+
+def complex_agc_params(shapes, dtype, *, seed):
+    """Complex parameters and gradients; each unit's gradient scaled by 10^U(-4, 0)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(shape):
+        parts = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)]
+        return torch.complex(*parts)
+
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(draw(shape).to(dtype))
+        unit_shape = (shape[0],) + (1,) * (len(shape) - 1) if len(shape) > 1 else ()
+        scale = 10.0 ** (torch.rand(unit_shape, generator=gen, dtype=torch.float64) * 4 - 4)
+        param.grad = (draw(shape) * scale).to(dtype)
+        params.append(param)
+    return params
+
+
+def complex_agc_reference(params, clip_factor=0.01, eps=1e-3):
+    """AGC with norms of the moduli, one unit at a time in complex128."""
+    out = []
+    for p in params:
+        w, g = p.detach().to(torch.complex128), p.grad.to(torch.complex128).clone()
+        for i in units_of(g):
+            w_norm = max(math.sqrt(float((w[i].abs() ** 2).sum())), eps)
+            g_norm = math.sqrt(float((g[i].abs() ** 2).sum()))
+            if g_norm / w_norm > clip_factor:
+                g[i] = clip_factor * w_norm / max(g_norm, 1e-6) * g[i]
+        out.append(g.to(p.grad.dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_agc_complex_uses_the_norms_of_the_moduli(dtype):
+    shapes = [(6, 4), (4,), (6, 4), (), (3, 2, 2), (4,), (), (300, 300)]
+    params = complex_agc_params(shapes, dtype, seed=11)
+    moduli = [p.grad.abs().double() for p in params]
+    expected = complex_agc_reference(params)
+    changed = [not torch.equal(e, p.grad) for e, p in zip(expected, params)]
+    assert any(changed) and not all(changed), "test data should clip some tensors, not all"
+    total = gradclip.clip_grad_agc_(params)
+    rtol, atol = (1e-5, 1e-9) if dtype == torch.complex64 else (1e-12, 1e-14)
+    assert_grads_close(params, expected, rtol=rtol, atol=atol)
+    assert not total.is_complex()
+    assert math.isclose(float(total), reference_total_norm(moduli, 2.0), rel_tol=rtol)
+
+
 def test_agc_mixed_dtypes():
     shapes = [(6, 4), (6, 4), (4,), (4,), (), (5, 3)]
     dtypes = [

@@ -107,6 +107,19 @@ def test_clip_grad_norm_mixed_fp32_fp64_bit_identical(p, foreach):
     assert_grads_identical(params, grads_of(expected_params))
 
 
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_clip_grad_norm_interleaved_dtypes_bit_identical(p, seed):
+    # Ten interleaved float32/float64 gradients: the total is summed in torch's order.
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float64] * 2
+    params = make_params([(5,)] * len(dtypes), dtypes, seed=seed, grad_scale=3.0)
+    expected_params = clone_params(params)
+    expected = torch.nn.utils.clip_grad_norm_(expected_params, 0.7, p)
+    actual = gradclip.clip_grad_norm_(params, 0.7, p)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_grads_identical(params, grads_of(expected_params))
+
+
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("p", NORM_TYPES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -258,6 +271,79 @@ def test_clip_grads_with_norm_one_element_total_same_as_0d(shape):
     torch.nn.utils.clip_grads_with_norm_(expected_params, 1.0, torch.tensor(7.5))
     gradclip.clip_grads_with_norm_(params, 1.0, torch.full(shape, 7.5))
     assert_grads_identical(params, grads_of(expected_params))
+
+
+# --- complex gradients: clipped by the norm of their moduli, as torch does ------------------
+
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def complex_params(shapes, dtype, *, seed=0, grad_scale=1.0):
+    """Parameters with random complex weights and gradients (both parts random)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(shape):
+        real = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return torch.complex(real, torch.randn(shape, generator=gen, dtype=torch.float64))
+
+    params = []
+    for shape in shapes:
+        param = torch.nn.Parameter(draw(shape).to(dtype))
+        param.grad = draw(shape).mul(grad_scale).to(dtype)
+        params.append(param)
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("dtype", COMPLEX_DTYPES)
+def test_clip_grad_norm_complex_bit_identical_to_torch(dtype, p, foreach, max_norm):
+    shapes = [*SHAPE_SETS["mlp"], *SHAPE_SETS["many-same"], *SHAPE_SETS["large"], ()]
+    params = complex_params(shapes, dtype, grad_scale=2.0)
+    expected_params = clone_params(params)
+    expected = torch.nn.utils.clip_grad_norm_(expected_params, max_norm, p, foreach=foreach)
+    actual = gradclip.clip_grad_norm_(params, max_norm, p, foreach=foreach)
+    assert actual.dtype == expected.dtype and not actual.is_complex()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_grads_identical(params, grads_of(expected_params))
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["cpu-branch", "branch-free"])
+def test_clip_grad_norm_complex_mixed_with_real(monkeypatch, branch):
+    monkeypatch.setattr(gradclip._sync, "branch_on_cpu", branch)
+    params = [
+        *complex_params([(4, 3), (3,)], torch.complex64, seed=1, grad_scale=3.0),
+        *make_params([(5,), (2, 2)], seed=2, grad_scale=3.0),
+        *complex_params([(6,)], torch.complex128, seed=3),
+    ]
+    expected_params = clone_params(params)
+    expected = torch.nn.utils.clip_grad_norm_(expected_params, 1.0)
+    actual = gradclip.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert_grads_identical(params, grads_of(expected_params))
+    # The clipped gradients, moduli and all, have total norm 1 (up to torch's 1e-6).
+    moduli = [p.grad.abs() for p in params]
+    assert math.isclose(reference_total_norm(moduli, 2.0), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", COMPLEX_DTYPES)
+def test_clip_grads_with_norm_complex_bit_identical_to_torch(dtype):
+    params = complex_params(SHAPE_SETS["conv"], dtype, grad_scale=2.0)
+    expected_params = clone_params(params)
+    total = torch.nn.utils.get_total_norm([p.grad for p in expected_params])
+    torch.nn.utils.clip_grads_with_norm_(expected_params, 0.5, total)
+    gradclip.clip_grads_with_norm_(params, 0.5, gradclip.get_total_norm([p.grad for p in params]))
+    assert_grads_identical(params, grads_of(expected_params))
+
+
+def test_clip_grad_value_refuses_complex_like_torch():
+    # Clamping a complex number is undefined; torch's kernels raise, and so do gradclip's.
+    (param,) = complex_params([(3,)], torch.complex64)
+    with pytest.raises(NotImplementedError, match="complex"):
+        torch.nn.utils.clip_grad_value_([param], 1.0)
+    with pytest.raises(NotImplementedError, match="complex"):
+        gradclip.clip_grad_value_([param], 1.0)
 
 
 # --- clip_grad_value_ ----------------------------------------------------------------------

@@ -97,6 +97,19 @@ def test_get_total_norm_mixed_fp32_fp64_bit_identical_to_torch(p, foreach):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_get_total_norm_interleaved_dtypes_sums_in_torch_order(p, seed):
+    # torch reduces the norms group by group (dtype); in the caller's order the sum of
+    # ten float64 values can differ from torch's in the last bit (three cases here do).
+    dtypes = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float64] * 2
+    tensors = [
+        random_tensors([(5,)], d, seed=seed * 10 + i, scale=3.0)[0] for i, d in enumerate(dtypes)
+    ]
+    expected = torch.nn.utils.get_total_norm(tensors, p)
+    torch.testing.assert_close(gradclip.get_total_norm(tensors, p), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_get_total_norm_mixed_with_half(p):
     tensors = [
@@ -187,6 +200,51 @@ def test_get_total_norm_input_errors_where_torch_gives_others():
         torch.nn.utils.get_total_norm([sparse_tensor()])
 
 
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def complex_tensors(shapes, dtype, *, seed=0, scale=1.0):
+    """Tensors with random real and imaginary parts."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.complex(
+            torch.randn(s, generator=gen, dtype=torch.float64),
+            torch.randn(s, generator=gen, dtype=torch.float64),
+        )
+        .mul(scale)
+        .to(dtype)
+        for s in shapes
+    ]
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("dtype", COMPLEX_DTYPES)
+def test_get_total_norm_complex_bit_identical_to_torch(dtype, p, foreach):
+    shapes = [*SHAPE_SETS["mlp"], *SHAPE_SETS["many-same"], *SHAPE_SETS["scalars"]]
+    tensors = complex_tensors(shapes, dtype, scale=3.0)
+    expected = torch.nn.utils.get_total_norm(tensors, p, foreach=foreach)
+    actual = gradclip.get_total_norm(tensors, p, foreach=foreach)
+    assert actual.dtype == expected.dtype == accumulation_dtype(dtype)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    # A complex tensor's norm is the norm of its moduli.
+    moduli = [t.abs().double() for t in tensors]
+    assert math.isclose(float(actual), reference_total_norm(moduli, p), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_get_total_norm_complex_mixed_with_real(p):
+    tensors = [
+        *complex_tensors([(4, 3), (3,)], torch.complex64, seed=1),
+        *random_tensors([(5,)], torch.float32, seed=2),
+        *complex_tensors([(2, 2)], torch.complex128, seed=3),
+    ]
+    expected = torch.nn.utils.get_total_norm(tensors, p)
+    actual = gradclip.get_total_norm(tensors, p)
+    assert actual.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 # --- tensor_norms / total_norm_of / accumulation dtype -------------------------------------
 
 
@@ -229,6 +287,8 @@ def test_tensor_norms_empty():
         (torch.bfloat16, torch.float32),
         (torch.float32, torch.float32),
         (torch.float64, torch.float64),
+        (torch.complex64, torch.float32),
+        (torch.complex128, torch.float64),
     ],
 )
 def test_accumulation_dtype(dtype, expected):

@@ -95,7 +95,7 @@ def unit_clip_factors(
             # for 0-d tensors each stacked element.
             if shape:
                 dims = tuple(range(2, len(shape) + 1)) if len(shape) > 1 else (1,)
-                w_norm = _stacked_unit_norms(ws, dims, accum)
+                w_norm = _stacked_unit_norms(ws, dims, accum).to(accum)
                 g_norm = _stacked_unit_norms(gs, dims, accum)
             else:
                 w_norm = torch.stack(ws).abs().to(accum)
@@ -255,8 +255,9 @@ def _factor(
     if elementwise:  # a stack of 0-d tensors: each element is its own unit
         w_norm, g_norm = w.abs().to(accum), g.abs().to(accum)
     else:
-        w_norm = torch.linalg.vector_norm(w, 2, dim=dims, keepdim=True, dtype=accum)
-        g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=accum)
+        w_norm = torch.linalg.vector_norm(w, 2, dim=dims, keepdim=True, dtype=_cast(w, accum))
+        w_norm = w_norm.to(accum)
+        g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=True, dtype=_cast(g, accum))
     return _factor_from_norms(w_norm, g_norm, clip_factor, eps)
 
 
@@ -270,17 +271,26 @@ def _factor_from_norms(
 
 
 def _stacked_unit_norms(tensors: list[Tensor], dims: tuple[int, ...], accum: torch.dtype) -> Tensor:
-    """Unit norms of same-shaped tensors, stacked along a new dim 0 (keepdim)."""
+    """Unit norms of same-shaped tensors, stacked along a new dim 0 (keepdim), in ``accum``.
+
+    Complex tensors give the norms of their moduli, in the precision of their parts.
+    """
+    cast = _cast(tensors[0], accum)
     per_chunk = STACK_CHUNK_NUMEL // max(1, tensors[0].numel())
     if per_chunk < 2:  # large tensors: one stack (its rows still reduce serially)
         per_chunk = len(tensors)
     norms = [
         torch.linalg.vector_norm(
-            torch.stack(tensors[start : start + per_chunk]), 2, dim=dims, keepdim=True, dtype=accum
+            torch.stack(tensors[start : start + per_chunk]), 2, dim=dims, keepdim=True, dtype=cast
         )
         for start in range(0, len(tensors), per_chunk)
     ]
     return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+def _cast(tensor: Tensor, accum: torch.dtype) -> torch.dtype | None:
+    """The ``dtype`` argument of a norm in ``accum``: None for a complex tensor (already real)."""
+    return None if tensor.is_complex() else accum
 
 
 _SHAPE = operator.attrgetter("shape")

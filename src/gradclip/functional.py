@@ -17,6 +17,12 @@ with these documented differences:
 * A ``nonfinite`` policy (``"ignore"``, ``"raise"``, ``"zero"``; see
   :mod:`gradclip.nonfinite`); torch's ``error_if_nonfinite=True`` means ``"raise"``.
 
+Complex gradients are clipped by the norm of their moduli, as torch clips them
+(bit-identical to it); AGC uses the moduli too. ``clip_grad_value_`` refuses them
+as torch does (clamping a complex number is undefined): the kernel raises
+``NotImplementedError``, as torch's does, possibly after clamping the gradients
+before the complex one (checking every dtype first would cost the common case).
+
 Speed: on CPU, when nothing needs clipping the scaling pass is skipped (scaling by
 exactly 1 changes nothing, and a CPU value can be read without waiting for a
 device), so an inactive clip reads the gradients once instead of reading them twice
@@ -58,6 +64,7 @@ from gradclip.nonfinite import (
 from gradclip.norms import (
     any_dtensor,
     globalize_norms,
+    grouped_total_norm,
     is_dtensor,
     local_tensor,
     local_views,
@@ -124,7 +131,7 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     groups = group_tensors(grads.grads)  # once, for both passes
     norms = tensor_norms(grads.grads, p, foreach=foreach, groups=groups)
-    total_norm = total_norm_of(norms, p)
+    total_norm = grouped_total_norm(norms, p, groups)
     if policy == "raise":
         raise_if_nonfinite(grads, norms, total_norm, norm_type=p)
     coefficient = clip_coefficient(max_norm, total_norm)

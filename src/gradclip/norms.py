@@ -44,14 +44,30 @@ __all__ = [
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype norms of ``dtype`` tensors are accumulated and returned in.
+    """The (real) dtype norms of ``dtype`` tensors are accumulated and returned in.
 
     >>> accumulation_dtype(torch.bfloat16)
     torch.float32
-    >>> accumulation_dtype(torch.float64)
-    torch.float64
+    >>> accumulation_dtype(torch.float64), accumulation_dtype(torch.complex128)
+    (torch.float64, torch.float64)
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype in _DOUBLE else torch.float32
+
+
+def norm_cast(dtype: torch.dtype) -> torch.dtype | None:
+    """The ``dtype`` argument of a norm of ``dtype`` tensors: None where no cast is needed.
+
+    Complex tensors take none: their norm (of the moduli) is already real, in the
+    precision of their parts, and torch refuses a real ``dtype`` for them.
+
+    >>> norm_cast(torch.float16), norm_cast(torch.float32), norm_cast(torch.complex64)
+    (torch.float32, None, None)
+    """
+    accum = accumulation_dtype(dtype)
+    return None if accum == dtype or dtype.is_complex else accum
+
+
+_DOUBLE = (torch.float64, torch.complex128)
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -86,7 +102,8 @@ def tensor_norms(
 
     Tensors are grouped by device and dtype and each group takes one fused
     ``torch._foreach_norm`` call (one read of the memory). The result lives on the
-    device of the first tensor, in ``float32`` (``float64`` if any tensor is).
+    device of the first tensor, in ``float32`` (``float64`` if any tensor is
+    ``float64`` or ``complex128``). A complex tensor's norm is that of its moduli.
 
     Args:
         tensors: the tensors; plain tensors and DTensors may be mixed.
@@ -124,7 +141,7 @@ def tensor_norms(
 def stack_norms(norms: Sequence[Tensor], like: Sequence[Tensor]) -> Tensor:
     """Stack 0-d norms on the device of ``like[0]``, in the accumulation dtype of ``like``."""
     device = like[0].device
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in like) else torch.float32
+    dtype = torch.float64 if any(t.dtype in _DOUBLE for t in like) else torch.float32
     moved = [n if n.device == device else n.to(device) for n in norms]
     return torch.stack(moved).to(dtype)
 
@@ -250,6 +267,26 @@ def total_norm_of(norms: Tensor, norm_type: float = 2.0) -> Tensor:
     return total
 
 
+def grouped_total_norm(norms: Tensor, norm_type: float, groups: Groups) -> Tensor:
+    """:func:`total_norm_of` summed in torch's order: group by group (device, dtype).
+
+    ``norms`` are in the caller's order and ``groups`` is
+    :func:`gradclip._foreach.group_tensors` of the tensors. ``torch.nn.utils``
+    concatenates the norms group by group before its final reduction; when dtypes or
+    devices interleave, summing in the caller's order can differ from it in the last
+    bit. The permutation is built on the device once and cached (no host copy).
+
+    >>> a, b = torch.ones(1), torch.ones(1, dtype=torch.float64)
+    >>> grouped_total_norm(torch.tensor([3.0, 4.0, 0.0]), 2.0, group_tensors([a, b, a]))
+    tensor(5.)
+    """
+    if len(groups) > 1:
+        order = [i for _, index in groups.values() for i in index]
+        if order != sorted(order):
+            norms = norms.index_select(0, index_on(norms.device, tuple(order)))
+    return total_norm_of(norms, norm_type)
+
+
 @torch.no_grad()
 def get_total_norm(
     tensors: Tensor | Iterable[Tensor],
@@ -285,7 +322,13 @@ def get_total_norm(
     tensors = [tensors] if isinstance(tensors, Tensor) else check_tensors(tensors)
     if not tensors:
         return torch.tensor(0.0)
-    total = total_norm_of(tensor_norms(tensors, p, foreach=foreach), p)
+    if any_dtensor(tensors):  # torch has no order to match: it refuses these
+        total = total_norm_of(tensor_norms(tensors, p, foreach=foreach), p)
+    else:
+        groups = group_tensors(tensors)
+        total = grouped_total_norm(
+            tensor_norms(tensors, p, foreach=foreach, groups=groups), p, groups
+        )
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} of the tensors is non-finite ({total.item()}), "
@@ -339,7 +382,7 @@ def _local_norm_vector(
     """Per-tensor norms of plain (local) tensors, in order, as one 1-D tensor.
 
     On the first tensor's device, in the accumulation dtype (``float64`` if any tensor
-    is ``float64``, else ``float32``).
+    is ``float64`` or ``complex128``, else ``float32``).
     """
     if groups is None:
         groups = group_tensors(tensors)
@@ -357,8 +400,7 @@ def _group_norms(
     group: list[Tensor], device: torch.device, dtype: torch.dtype, p: float, foreach: bool | None
 ) -> Tensor:
     """Norms of one (device, dtype) group, as a 1-D tensor in the accumulation dtype."""
-    accum = accumulation_dtype(dtype)
-    cast = None if accum == dtype else accum
+    cast = norm_cast(dtype)
     if not use_foreach(group, device, foreach):
         return torch.stack([torch.linalg.vector_norm(t, p, dtype=cast) for t in group])
     if device.type == "cpu" and len(group) >= STACK_NORM_MIN_COUNT:
