@@ -414,7 +414,10 @@ def notes_for(rows: Sequence[Row]) -> str:
         "`clamp_min_` and `clamp_max_` passes.",
         "- AGC reads W and G once each for the unit norms and scales G once. Small "
         "same-shaped tensors are stacked, so they cost a few kernel calls in all. On CPU "
-        "the gradients whose factors are all exactly 1 are not multiplied.",
+        "the gradients whose factors are all exactly 1 are not multiplied. When shapes "
+        "interleave (GPT-2's repeated blocks), the permutation back to the caller's "
+        "order is built on the gradients' device once and cached, so later steps make "
+        "no host-to-device copy.",
         "- This is a shared 2-core machine (see the load averages above). When the other "
         "core is busy, a torch op that uses both threads can wait milliseconds for the "
         "second one. gradclip's small-tensor work is split into pieces below the grain "
