@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradclip import from_spec
+from gradclip.clippers.adagc import AdaGC
+from gradclip.clippers.compose import chain
 from gradclip.clippers.fixed import NormClip
 from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm, Schedule
 from sync_guard import no_host_sync
@@ -373,3 +375,40 @@ def test_bad_schedule_option_and_step() -> None:
     assert isinstance(clipper.param_groups[0]["schedule"], Cosine)
     with pytest.raises(ValueError, match="step must be an int >= 0; got -1"):
         Cosine(3)(-1, torch.tensor(1.0), torch.tensor(1.0))
+
+
+# -- follows_step: when a skipped call may shift the schedule ------------------------------
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [Constant(0.5), LinearWarmup(5, 0.2), Cosine(7, 0.1)],
+    ids=["constant", "warmup", "cosine"],
+)
+def test_follows_step_is_false_exactly_from_where_the_factor_stops_changing(
+    schedule: Schedule,
+) -> None:
+    horizon = 30
+    factors = [schedule.factor(t) for t in range(horizon)]
+    for step in range(horizon - 1):
+        constant_from_here = all(f == factors[step] for f in factors[step:])
+        assert schedule.follows_step(step) == (not constant_from_here), step
+
+
+def test_relax_on_calm_does_not_follow_the_step() -> None:
+    assert not RelaxOnCalm(window=3).follows_step(0)
+
+
+def test_step_dependent_clippers() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    clipper = NormClip([w], 1.0, schedule=LinearWarmup(2))
+    adagc = AdaGC([w], warmup_steps=2)
+    seen = []
+    for _ in range(3):
+        seen.append((clipper.step_dependent, adagc.step_dependent))
+        w.grad = torch.ones(3)
+        clipper.clip_()
+        adagc.clip_()
+    assert seen == [(True, True), (True, True), (False, False)]
+    assert not NormClip([w], 1.0).step_dependent
+    assert chain(NormClip([w], 1.0), NormClip([w], 2.0, schedule=Cosine(3))).step_dependent

@@ -27,7 +27,7 @@ from gradclip.clippers.base import Clipper
 from gradclip.clippers.compose import Chain, chain
 from gradclip.clippers.emaratio import EMARatio
 from gradclip.clippers.fixed import NormClip
-from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm
+from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm, Schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.clippers.value import ValueClip
 from gradclip.clippers.zclip import ZClip
@@ -876,7 +876,18 @@ class _Declared(NormClip):
 
     def __init__(self, *args: Any, step_dependent: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.step_dependent = step_dependent
+        self._declared = step_dependent
+
+    @property
+    def step_dependent(self) -> bool:
+        return self._declared
+
+
+class _HalfAfter(Schedule):
+    """A schedule of the user's: it does not say when it stops following the step."""
+
+    def factor(self, step: int) -> float:
+        return 1.0 if step < 2 else 0.5
 
 
 def _syncs_on_step(clipper_of: Callable[[nn.Module], Clipper | Chain], warm: int) -> bool:
@@ -913,7 +924,8 @@ def _syncs_on_step(clipper_of: Callable[[nn.Module], Clipper | Chain], warm: int
         ("chain-running", True),
         ("chain-over", False),
         ("zclip", False),  # its warm-up counts finite norms on the device
-        ("declared", True),  # a clipper's own step_dependent attribute wins
+        ("custom-schedule", True),  # assumed to follow the step, always
+        ("declared", True),  # a clipper's own step_dependent property wins
         ("declared-not", False),
     ],
 )
@@ -939,6 +951,7 @@ def test_step_dependent_clippers_decide_the_skip_on_the_host(
         ),
         "chain-over": (lambda m: chain(AGC(m.parameters()), norm(LinearWarmup(3))(m)), 3),
         "zclip": (lambda m: ZClip(m.parameters(), warmup_steps=3), 1),
+        "custom-schedule": (norm(_HalfAfter()), 5),
         "declared": (lambda m: _Declared(m.parameters(), MAX_NORM, step_dependent=True), 5),
         "declared-not": (
             lambda m: _Declared(

@@ -164,6 +164,12 @@ class AdaGC(ScheduledClipper):
         group["warmup_steps"] = check_steps(group["warmup_steps"], "warmup_steps")
         group["eps"] = check_threshold(group["eps"], "eps")
 
+    @property
+    def step_dependent(self) -> bool:
+        """True during the warm-up (counted in calls) or while a schedule is in progress."""
+        in_warmup = any(self.step < g["warmup_steps"] for g in self.param_groups)
+        return in_warmup or super().step_dependent
+
     def _init_state(self, group: ParamGroup) -> State:
         return {"gamma": torch.full((len(group["params"]),), math.inf)}
 

@@ -203,6 +203,19 @@ class Clipper:
         """Whether :meth:`measure_` works: one factor scales every bound gradient."""
         return False
 
+    @property
+    def step_dependent(self) -> bool:
+        """Whether the next ``clip_()`` calls depend on how many calls came before.
+
+        Read from host values only (no device read). A strategy with a threshold
+        schedule or a warm-up counted in calls says True while it is in progress;
+        :func:`gradclip.attach` then decides a skipped step on the host, so that the
+        skipped call does not count. False here: the base's strategies follow their
+        tensor state, which a non-finite step leaves untouched. Override it in a
+        strategy of your own that reads :attr:`step`.
+        """
+        return False
+
     @torch.no_grad()
     def measure_(self, *, grad_scale: Tensor | None = None) -> ClipStats:
         """Do what :meth:`clip_` does (state update, step count) but leave the gradients alone.
@@ -505,6 +518,11 @@ class ScheduledClipper(Clipper):
 
     def _schedules(self) -> list[Schedule | None]:
         return [g.get("schedule") for g in self.param_groups]
+
+    @property
+    def step_dependent(self) -> bool:
+        """True while a group's schedule may still change with the step count."""
+        return any(s is not None and s.follows_step(self.step) for s in self._schedules())
 
     def state_dict(self) -> dict[str, Any]:
         """The base's state dict plus ``"schedules"``: one schedule state per group."""

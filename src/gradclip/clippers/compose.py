@@ -190,6 +190,11 @@ class Chain:
         return out
 
     @property
+    def step_dependent(self) -> bool:
+        """Whether a member's next calls depend on its step count (see :class:`Clipper`)."""
+        return any(member.step_dependent for member in self.members)
+
+    @property
     def needs_extra_pass(self) -> bool:
         """Whether ``clip_()`` reads the gradients once more to find ``clipped_norm``.
 

@@ -152,6 +152,12 @@ class EMARatio(ScheduledClipper):
         group["per_tensor"] = check_flag(group["per_tensor"], "per_tensor")
         group["warmup_steps"] = check_steps(group["warmup_steps"], "warmup_steps")
 
+    @property
+    def step_dependent(self) -> bool:
+        """True during the warm-up (counted in calls) or while a schedule is in progress."""
+        in_warmup = any(self.step < g["warmup_steps"] for g in self.param_groups)
+        return in_warmup or super().step_dependent
+
     def _init_state(self, group: ParamGroup) -> State:
         shape = (len(group["params"]),) if group["per_tensor"] else ()
         return {"ema": torch.zeros(shape), "weight": torch.zeros(shape)}

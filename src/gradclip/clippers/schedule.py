@@ -76,6 +76,16 @@ class Schedule:
         factor = self.factor(_check_step(step))
         return threshold if factor == 1.0 else threshold * factor
 
+    def follows_step(self, step: int) -> bool:
+        """Whether the threshold may still depend on the step count from ``step`` on.
+
+        ``step`` is the 0-based index of the next ``clip_()`` call. True by default
+        (a schedule of your own is assumed to follow the step); a schedule that ends,
+        or never depends on the step, says so. :func:`gradclip.attach` reads it to
+        keep a skipped step from shifting the schedule.
+        """
+        return True
+
     def factor(self, step: int) -> float:
         """The multiplier at ``step`` (stateless schedules only)."""
         raise NotImplementedError(f"{type(self).__name__} must implement factor() or __call__()")
@@ -121,6 +131,10 @@ class Constant(Schedule):
         """``factor`` at every step."""
         return self.factor_value
 
+    def follows_step(self, step: int) -> bool:
+        """Never: the same factor at every step."""
+        return False
+
     def __repr__(self) -> str:
         return f"Constant({self.factor_value!r})"
 
@@ -155,6 +169,10 @@ class LinearWarmup(Schedule):
         """The warm-up multiplier at ``step``."""
         progress = min(step, self.warmup_steps) / self.warmup_steps
         return self.start_factor + (1.0 - self.start_factor) * progress
+
+    def follows_step(self, step: int) -> bool:
+        """Until ``warmup_steps``; the full threshold from then on."""
+        return step < self.warmup_steps
 
 
 class Cosine(Schedule):
@@ -192,6 +210,10 @@ class Cosine(Schedule):
         return self.final_factor + (1.0 - self.final_factor) * 0.5 * (
             1.0 + math.cos(math.pi * progress)
         )
+
+    def follows_step(self, step: int) -> bool:
+        """Until ``total_steps``; ``final_factor`` from then on."""
+        return step < self.total_steps
 
 
 class RelaxOnCalm(Schedule):
@@ -264,6 +286,10 @@ class RelaxOnCalm(Schedule):
         self._history = torch.zeros(self.window)  # (window,) recent finite norms, a ring
         self._count = torch.zeros((), dtype=torch.int64)  # finite norms seen so far
         self._factor = torch.ones(())  # the current multiplier f
+
+    def follows_step(self, step: int) -> bool:
+        """Never: the factor follows the norms, not the step count."""
+        return False
 
     @property
     def current_factor(self) -> Tensor:

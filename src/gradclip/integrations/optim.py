@@ -68,9 +68,11 @@ host, the clipper's step counter is rolled back too, so warm-ups and schedules
 resume as if the batch never came. On the sync-free fused path the clipper's tensor
 state is untouched (its strategy masks non-finite norms) but its step counter
 counts the call, which changes nothing gradclip's strategies compute from then on
-(that is why the path is taken only then). A clipper of your own whose strategy
-reads ``clipper.step`` can say so with a ``step_dependent`` attribute (a bool, or
-a property returning one): while it is True, the skip is decided on the host.
+(that is why the path is taken only then). Each clipper says which case it is in through its
+:attr:`~gradclip.clippers.base.Clipper.step_dependent` property (a schedule says
+through :meth:`~gradclip.clippers.schedule.Schedule.follows_step`): a clipper of your
+own whose strategy reads ``clipper.step`` overrides it, and while it is True the skip
+is decided on the host.
 
 **AMP** (``scaler``): see :mod:`gradclip.integrations.amp`. Gradients are unscaled
 once before clipping; ``scaler.step`` / ``scaler.update`` work as documented; a step
@@ -105,11 +107,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradclip._params import collect_grads
 from gradclip._sync import branch_on_host
-from gradclip.clippers.adagc import AdaGC
 from gradclip.clippers.base import Clipper
 from gradclip.clippers.compose import Chain
-from gradclip.clippers.emaratio import EMARatio
-from gradclip.clippers.schedule import Constant, Cosine, LinearWarmup, RelaxOnCalm, Schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.integrations.amp import check_scaler, grads_scaled_by, unscale_grads_
 from gradclip.nonfinite import (
@@ -132,8 +131,6 @@ _BOUND_OPTIMIZERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, ClipHandle] 
 _BOUND_CLIPPERS: weakref.WeakKeyDictionary[Clipper | Chain, ClipHandle] = (
     weakref.WeakKeyDictionary()
 )
-# Strategies whose warm-up is counted in clipper steps (``clipper.step <= warmup_steps``).
-_STEP_COUNTED_WARMUPS = (AdaGC, EMARatio)
 
 
 @runtime_checkable
@@ -361,7 +358,7 @@ class ClipHandle:
         fused = _is_fused(optimizer)
         decide_on_host = self.nonfinite == "raise" or (
             self.nonfinite == "skip"
-            and not (fused and _has_state(optimizer) and not _step_dependent(self.clipper))
+            and not (fused and _has_state(optimizer) and not self.clipper.step_dependent)
         )
         if decide_on_host and outer_found_inf is not None and bool(outer_found_inf):
             # The GradScaler skips this step (inf/NaN in the scaled gradients): leave the
@@ -633,42 +630,6 @@ def _raise_if_nonfinite(clipper: Chain) -> None:
     if grads.grads:
         norms = tensor_norms(grads.grads, clipper.norm_type)
         raise_if_nonfinite(grads, norms, total_norm_of(norms, clipper.norm_type))
-
-
-def _step_dependent(clipper: Clipper | Chain) -> bool:
-    """Whether a skipped call that still counted in ``clipper.step`` would change later clips.
-
-    Read from public attributes (no device read): a ``step_dependent`` bool if the
-    clipper has one; a chain's members; a threshold schedule still in progress; a
-    warm-up counted in clipper steps (AdaGC, EMARatio) still in progress. The call
-    about to run has the 0-based index ``clipper.step``: after a skipped one, the
-    removed-batch run would see index ``s`` where this one sees ``s + 1``, which
-    changes nothing once the schedule or warm-up is constant from ``clipper.step`` on.
-    """
-    if isinstance(clipper, Chain):
-        return any(_step_dependent(member) for member in clipper.members)
-    declared = getattr(clipper, "step_dependent", None)
-    if isinstance(declared, bool):
-        return declared
-    step = clipper.step
-    for group in clipper.param_groups:
-        schedule = group.get("schedule")
-        if isinstance(schedule, Schedule) and _schedule_in_progress(schedule, step):
-            return True
-        if isinstance(clipper, _STEP_COUNTED_WARMUPS) and step < group["warmup_steps"]:
-            return True
-    return False
-
-
-def _schedule_in_progress(schedule: Schedule, step: int) -> bool:
-    """Whether ``schedule``'s factor may still change from 0-based step ``step`` on."""
-    if isinstance(schedule, Constant | RelaxOnCalm):
-        return False  # the same at every step; RelaxOnCalm follows the norms, not the step
-    if isinstance(schedule, LinearWarmup):
-        return step < schedule.warmup_steps
-    if isinstance(schedule, Cosine):
-        return step < schedule.total_steps
-    return True  # a schedule of the user's: assume it follows the step
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
