@@ -344,6 +344,20 @@ def test_clip_is_sync_free(no_cpu_branch: None, policy: str) -> None:
     assert bool(stats.clipped)
 
 
+def test_clip_on_a_device_copies_nothing_from_the_host() -> None:
+    # ``meta`` stands in for an accelerator: the guard fails on a host-to-device copy
+    # (an index built from a Python list each step), which waits for the device.
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)).to("meta")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    excluding = AGC(model.named_parameters(), exclude="2.*")
+    every = AGC(model.parameters())
+    with no_host_sync():
+        for _ in range(2):
+            excluding.clip_()
+            every.clip_()
+
+
 shape_lists = st.lists(
     st.sampled_from([(), (3,), (4, 3), (2, 3, 2), (5, 1)]), min_size=1, max_size=5
 )

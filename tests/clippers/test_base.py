@@ -497,3 +497,13 @@ def test_other_errors_of_the_norm_pass_pass_through(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RuntimeError, match="norm kernel broke"):
         clipper.clip_()
     assert clipper.step == 0
+
+
+def test_raise_names_the_norm_order_when_the_norm_overflows() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.full((2,), 3e38), torch.full((2,), 3e38)
+    clipper = NormClip([("a", a), ("b", b)], 1.0, norm_type=1.0, nonfinite="raise")
+    # Each tensor's 1-norm (6e38) already overflows float32; every value is finite.
+    with pytest.raises(NonFiniteGradientError, match=r"norm of order 1\.0 overflowed.*of a"):
+        clipper.clip_()
+    assert torch.equal(a.grad, torch.full((2,), 3e38))

@@ -57,6 +57,7 @@ from gradclip._agc import (
 )
 from gradclip._foreach import Groups
 from gradclip._params import ParamsLike, check_threshold
+from gradclip._sync import index_on
 from gradclip.clippers.base import Clipper, GroupResult, ParamGroup, State
 from gradclip.functional import _check_units_whole
 from gradclip.norms import any_dtensor, globalize_norms, local_views, tensor_norms, total_norm_of
@@ -203,7 +204,11 @@ class AGC(Clipper):
 
         # A tensor none of whose units was scaled keeps its measured norm exactly (the
         # unit norms would give it again up to rounding, and scale could exceed 1).
-        pre_kept = norms if len(step.keep) == len(grads) else norms[step.keep]
+        pre_kept = (
+            norms
+            if len(step.keep) == len(grads)
+            else norms.index_select(0, index_on(norms.device, tuple(step.keep)))
+        )
         scaled = step.per_tensor([u.factors < 1.0 for u in units], "any", norms)
         from_units = step.per_tensor([u.unit_norms * u.factors for u in units], "norm", norms)
         clipped_kept = torch.where(scaled, torch.minimum(from_units, pre_kept), pre_kept)
@@ -211,7 +216,7 @@ class AGC(Clipper):
         if len(step.keep) == len(grads):
             clipped_norms = clipped_kept
         else:
-            where = torch.tensor(step.keep, device=norms.device)
+            where = index_on(norms.device, tuple(step.keep))
             clipped_norms = norms.index_copy(0, where, clipped_kept)
         clipped = scaled.any()
         return GroupResult(total_norm_of(bounds, 2.0), total_norm_of(clipped_norms, 2.0), clipped)
@@ -303,9 +308,9 @@ class _GroupUnits:
         others = [k for k in range(len(self.grads)) if k not in chosen]
         out = torch.empty(len(self.grads), dtype=dtype, device=device)
         measured = tensor_norms([self.grads[k] for k in others], 2.0).to(device, dtype)
-        out.index_copy_(0, torch.tensor(others, device=device), measured)
+        out.index_copy_(0, index_on(device, tuple(others)), measured)
         if self.keep:
-            out.index_copy_(0, torch.tensor(self.keep, device=device), kept)
+            out.index_copy_(0, index_on(device, tuple(self.keep)), kept)
         return out
 
 

@@ -278,7 +278,7 @@ class Clipper:
                 norms = norms / grad_scale.to(norms.device, norms.dtype)
             total_norm = total_norm_of(norms, p)
             if self.nonfinite == "raise":
-                raise_if_nonfinite(self._named_grads(), norms, total_norm)
+                raise_if_nonfinite(self._named_grads(), norms, total_norm, norm_type=p)
             self.step += 1
             results: list[GroupResult] = []
             offset = 0

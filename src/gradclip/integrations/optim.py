@@ -629,7 +629,9 @@ def _raise_if_nonfinite(clipper: Chain) -> None:
     grads = collect_grads(pairs, empty_generator_ok=True)
     if grads.grads:
         norms = tensor_norms(grads.grads, clipper.norm_type)
-        raise_if_nonfinite(grads, norms, total_norm_of(norms, clipper.norm_type))
+        raise_if_nonfinite(
+            grads, norms, total_norm_of(norms, clipper.norm_type), norm_type=clipper.norm_type
+        )
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[Tensor]:
