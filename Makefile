@@ -30,13 +30,13 @@ $(DEV_STAMP): $(RUN_STAMP)
 
 # Debian's chromium and its driver, for the test that opens the HTML report.
 $(BROWSER_STAMP): $(PY)
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then touch $@; \
 	else \
 		echo "installing Debian's chromium and chromium-driver (for the report's browser test)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			chromium chromium-driver >/dev/null; \
+		if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium chromium-driver >/dev/null; }; then touch $@; \
+		else echo "could not install chromium (needs Debian's apt as root): the browser test skips, or fails under CI"; fi; \
 	fi
-	touch $@
 
 demo: $(RUN_STAMP)
 	$(VENV)/bin/gradclip demo --out $(DEMO_OUT)
