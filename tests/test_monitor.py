@@ -550,6 +550,77 @@ def test_summary_and_spikes() -> None:
     assert f"clipped: {expected_clipped} steps" in str(summary)
 
 
+# --- spike options -------------------------------------------------------------------------
+
+
+def spike_rows(losses: list[float], **kwargs) -> list[dict]:
+    """A monitor fed ``losses`` (host floats, kept exactly) with a constant gradient."""
+    weight = nn.Parameter(torch.zeros(2))
+    weight.grad = torch.tensor([0.6, 0.8])  # norm 1, every step: norm_score 0
+    rows: list[dict] = []
+    with GradMonitor([weight], log_every=7, writers=[rows.append], **kwargs) as monitor:
+        for loss in losses:
+            monitor.observe(loss=loss)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "first_scored"),
+    [({}, 17), ({"spike_min_history": 5}, 6), ({"spike_min_history": 16}, 17)],
+)
+def test_spike_min_history_is_when_scoring_starts(kwargs: dict, first_scored: int) -> None:
+    """With a window of 16 the default waits for 16 values (min(20, 16)); 5 catches a
+    jump at step 8 that the default does not score at all."""
+    losses = [1.0, 1.02, 0.98, 1.01, 0.99, 1.0, 1.03, 5.0] + [1.0, 0.99, 1.01] * 10
+    rows = spike_rows(losses, spike_window=16, **kwargs)
+    scored = [r["step"] for r in rows if not math.isnan(r["loss_score"])]
+    assert scored == list(range(first_scored, len(losses) + 1))
+    assert [r["step"] for r in rows if not math.isnan(r["norm_score"])] == scored
+    spikes = [r["step"] for r in rows if r["loss_spike"]]
+    assert spikes == ([8] if first_scored <= 8 else [])
+
+
+def test_spike_min_history_defaults_to_20_or_the_window() -> None:
+    losses = [1.0] * 30
+    rows = spike_rows(losses, spike_window=100)
+    assert min(r["step"] for r in rows if not math.isnan(r["loss_score"])) == 21
+    rows = spike_rows(losses, spike_window=4)
+    assert min(r["step"] for r in rows if not math.isnan(r["loss_score"])) == 5
+
+
+@pytest.mark.parametrize(("floor", "spike"), [(None, True), (0.01, True), (0.05, False),
+                                              (np.float32(0.25), False)])  # fmt: skip
+def test_spike_rel_floor_is_the_smallest_scale(floor: float | None, spike: bool) -> None:
+    """A flat loss, then +10%: on the log scale the score is log(1.1) / floor (9.53 with
+    the default 0.01: a spike; 1.91 with 0.05: not one)."""
+    kwargs = {} if floor is None else {"spike_rel_floor": floor}
+    rows = spike_rows([1.0] * 30 + [1.1], spike_window=16, **kwargs)
+    expected = math.log(1.1) / (0.01 if floor is None else float(floor))
+    assert rows[-1]["loss_score"] == pytest.approx(expected, rel=1e-12)
+    assert rows[-1]["loss_spike"] == int(spike)
+    assert rows[-1]["norm_score"] == 0.0
+
+
+@pytest.mark.parametrize(("floor", "spike"), [(0.01, True), (0.05, False)])
+def test_spike_rel_floor_on_the_raw_scale_is_relative_to_the_median(
+    floor: float, spike: bool
+) -> None:
+    """A negative loss is scored raw: -1.8 against a flat -2 scores 0.2 / (floor * 2)."""
+    rows = spike_rows([-2.0] * 30 + [-1.8], spike_window=16, spike_rel_floor=floor)
+    assert rows[-1]["loss_score"] == pytest.approx(0.2 / (floor * 2.0), rel=1e-9)
+    assert rows[-1]["loss_spike"] == int(spike)
+
+
+def test_an_alternating_loss_has_no_spikes_but_a_jump_on_it_does() -> None:
+    """The study's setting (window 16, threshold 6) and an odd window, on a loss that
+    alternates between 0.5 and 0.8 step by step, with a 20× jump at step 121."""
+    losses = [0.5 if step % 2 else 0.8 for step in range(1, 201)]
+    losses[120] *= 20.0
+    for window in (15, 16):
+        rows = spike_rows(losses, spike_window=window, spike_threshold=6.0)
+        assert [r["step"] for r in rows if r["loss_spike"]] == [121]
+
+
 # --- no host sync ------------------------------------------------------------------------
 
 
@@ -601,6 +672,53 @@ def test_observe_makes_no_host_sync(no_cpu_branch: None) -> None:
         ({"norm_type": -1.0}, ValueError, "norm_type must be > 0 or inf; got -1.0"),
         ({"spike_window": 2}, ValueError, "spike window must be an int >= 3; got 2"),
         ({"spike_threshold": 0}, ValueError, "spike threshold must be a finite number > 0; got 0"),
+        (
+            {"spike_min_history": 2},
+            ValueError,
+            r"spike_min_history must be in \[3, spike_window=100\]; got 2",
+        ),
+        (
+            {"spike_window": 16, "spike_min_history": 20},
+            ValueError,
+            r"spike_min_history must be in \[3, spike_window=16\]; got 20",
+        ),
+        (
+            {"spike_min_history": 5.0},
+            ValueError,
+            "spike_min_history must be an int or None; got 5.0",
+        ),
+        ({"spike_min_history": True}, ValueError, "must be an int or None; got True"),
+        (
+            {"spike_window": 2, "spike_min_history": 3},
+            ValueError,
+            "spike window must be an int >= 3",
+        ),
+        ({"spike_rel_floor": 0}, ValueError, "spike_rel_floor must be a finite number > 0; got 0"),
+        (
+            {"spike_rel_floor": -0.1},
+            ValueError,
+            "spike_rel_floor must be a finite number > 0; got -0.1",
+        ),
+        (
+            {"spike_rel_floor": math.inf},
+            ValueError,
+            "spike_rel_floor must be a finite number > 0; got inf",
+        ),
+        (
+            {"spike_rel_floor": math.nan},
+            ValueError,
+            "spike_rel_floor must be a finite number > 0; got nan",
+        ),
+        (
+            {"spike_rel_floor": True},
+            ValueError,
+            "spike_rel_floor must be a finite number > 0; got True",
+        ),
+        (
+            {"spike_rel_floor": "0.1"},
+            ValueError,
+            "spike_rel_floor must be a finite number > 0; got '0.1'",
+        ),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs: dict, error: type, message: str) -> None:

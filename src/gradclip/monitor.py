@@ -104,6 +104,18 @@ class GradMonitor:
             :mod:`gradclip.spikes`; the total norm is scored on a log scale, the
             loss on a log scale while it is positive). Detection runs on the host at
             flush time and costs nothing per step.
+        spike_min_history: how many finite values each detector must have seen
+            before it scores one: the values before are never scored nor flagged
+            (their ``norm_score``/``loss_score`` is NaN). An int in
+            ``[3, spike_window]``; None (default): ``min(20, spike_window)``. Lower it
+            to catch spikes early in a short run, at the price of a scale estimated
+            from fewer values.
+        spike_rel_floor: the smallest scale a score divides by (> 0, finite), so a
+            flat stretch does not turn float noise into spikes. On the log scale (the
+            norm, and the loss while positive) it is a relative change: with the
+            default 0.01 and ``spike_threshold`` 6, a value more than
+            ``exp(0.06) - 1`` (about 6%) above a flat window is a spike; 0.05 asks for
+            ``exp(0.3) - 1`` (35%). On the raw scale it is relative to ``|median|``.
 
     Attributes:
         names: the monitored parameters' names, in column order.
@@ -114,7 +126,8 @@ class GradMonitor:
         history: the flushed steps' scalars, behind :meth:`summary`.
 
     Raises:
-        ValueError: no parameters, a bad ``log_every``, an unknown module name.
+        ValueError: no parameters, a bad ``log_every``, an unknown module name, a
+            spike option out of its range.
         TypeError: a writer that is neither a Writer nor callable (a path among them:
             wrap it in a ``CSVWriter`` or ``JSONLWriter``), a non-bool ``per_layer``.
 
@@ -153,6 +166,8 @@ class GradMonitor:
         norm_type: float = 2.0,
         spike_window: int = 100,
         spike_threshold: float = 6.0,
+        spike_min_history: int | None = None,
+        spike_rel_floor: float = 0.01,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be an int >= 1; got {log_every!r}")
@@ -178,14 +193,15 @@ class GradMonitor:
         self.columns: tuple[str, ...] = tuple(columns)
         self.step = 0
         self.history = History()
-        history_needed = min(20, spike_window) if isinstance(spike_window, int) else 20
+        history_needed = _spike_min_history(spike_min_history, spike_window)
+        rel_floor = _spike_rel_floor(spike_rel_floor)
         self._norm_spikes = SpikeDetector(
             "total_norm", window=spike_window, threshold=spike_threshold,
-            min_history=history_needed, log=True,
+            min_history=history_needed, log=True, rel_floor=rel_floor,
         )  # fmt: skip
         self._loss_spikes = SpikeDetector(
             "loss", window=spike_window, threshold=spike_threshold,
-            min_history=history_needed, log="auto",
+            min_history=history_needed, log="auto", rel_floor=rel_floor,
         )  # fmt: skip
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._buffer: Tensor | None = None
@@ -533,6 +549,31 @@ def _index_select(norms: Tensor, index: Tensor, out: Tensor) -> None:
 
 _IDENTITY = _Match("identity")
 _ALL_ABSENT = _Match("absent")
+
+
+def _spike_min_history(min_history: int | None, window: int) -> int:
+    """``spike_min_history``, checked against ``spike_window`` (None: ``min(20, window)``).
+
+    A bad ``window`` is left to :class:`SpikeDetector`, which names it.
+    """
+    valid_window = isinstance(window, int) and not isinstance(window, bool) and window >= 3
+    if min_history is None:
+        return min(20, window) if valid_window else 20
+    if isinstance(min_history, bool) or not isinstance(min_history, int):
+        raise ValueError(f"spike_min_history must be an int or None; got {min_history!r}")
+    if valid_window and not 3 <= min_history <= window:
+        raise ValueError(
+            f"spike_min_history must be in [3, spike_window={window}]; got {min_history}"
+        )
+    return min_history
+
+
+def _spike_rel_floor(rel_floor: float) -> float:
+    """``spike_rel_floor`` as a float, checked (any real number: NumPy's too)."""
+    ok = isinstance(rel_floor, numbers.Real) and not isinstance(rel_floor, bool)
+    if not (ok and 0 < float(rel_floor) < math.inf):
+        raise ValueError(f"spike_rel_floor must be a finite number > 0; got {rel_floor!r}")
+    return float(rel_floor)
 
 
 def _writers(writers: Any) -> list[Writer]:
