@@ -49,8 +49,8 @@ SPIKE_WINDOW = 16
 The study's runs are short (150 to a few hundred steps) and their loss falls fast at
 first. The monitor's default window, 100 steps, then spans most of the descent, whose
 spread hides any spike short of several hundred times the loss. Sixteen steps follow
-the descent, and an even count keeps a loss that alternates between two levels step
-by step (large-step SGD does that) from scoring every other step as a spike. A
+the descent (a loss that alternates between two levels step by step, as large-step
+SGD's does, is not scored as spiking: see :func:`gradclip.spikes.robust_score`). A
 loss is scored from step 17 on.
 """
 
