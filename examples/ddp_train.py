@@ -22,6 +22,7 @@ import argparse
 import os
 
 import torch
+import torch._dynamo  # before init_process_group: see the end of main()
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -101,8 +102,15 @@ def main() -> None:
         same = all(torch.equal(n, norms[0]) for n in norms)
         print(f"last total norm on every rank: {[f'{float(n):.6f}' for n in norms]} same={same}")
         print(f"skipped steps (non-finite): {skipped}")
-    # Every rank done before any tears its group down: a gloo group closed while a
-    # peer still uses it can abort that peer at exit.
+    # Close the group so that it is really released here, not at interpreter exit,
+    # where a gloo worker still releasing a tensor aborts the process ("terminate called
+    # without an active exception", pytorch/pytorch#179291). Three things make that so:
+    # torch._dynamo is imported before init_process_group (top of this file; imported
+    # later, by the first optimizer.step(), it keeps references to the group); the DDP
+    # module, whose C++ reducer holds the group, goes first (freed last with the GIL
+    # held, the group would wait for its workers, which need the GIL: a hang); and a
+    # barrier, so no rank leaves while a peer still uses the group.
+    del model
     dist.barrier()
     dist.destroy_process_group()
 

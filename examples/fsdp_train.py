@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,23 @@ def batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if step % 10 == 7:  # an outlier batch: a gradient spike for the clipper to catch
         y = y * 50
     return x, y
+
+
+def shutdown() -> NoReturn:
+    """Leave the process group and end this rank, skipping interpreter finalization.
+
+    ``fully_shard`` (like ``distribute_tensor``) keeps references to the process group in
+    C++, so ``destroy_process_group()`` does not release it and gloo's worker threads
+    live on until the interpreter finalizes. A worker that then drops a tensor must take
+    the GIL, and the process aborts: "terminate called without an active exception"
+    (pytorch/pytorch#179291). So every rank waits for the others, closes the group,
+    flushes its output and ends with ``os._exit(0)``, before finalization.
+    """
+    dist.barrier()  # no rank leaves while a peer still uses the group
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
@@ -146,8 +165,7 @@ def main() -> None:
             state = {"clipper": clipper.state_dict(), "step": end}
             torch.save(state, args.checkpoint / "clipper.pt")
             print(f"saved to {args.checkpoint}")
-        dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
