@@ -312,15 +312,33 @@ def _placements(spec: str) -> list[Any]:
     return [table[part] for part in spec.split(",")]
 
 
+_MESHES: tuple[Any, dict[str, Any]] | None = None
+"""``(the default group, its meshes)``: the meshes of MIXED, built once per process group."""
+
+
 def _meshes() -> dict[str, Any]:
+    """The MIXED meshes, built on first use and kept for this rank's process group.
+
+    Building a mesh creates process groups (each gloo group has its own threads and
+    sockets) that live as long as the rank: built per call, ``mixed()`` alone would add
+    dozens of groups each time it runs.
+    """
+    global _MESHES
+    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    w = world_size()
-    return {
-        "flat": init_device_mesh("cpu", (w,)),
-        "reversed": DeviceMesh("cpu", list(reversed(range(w)))),
-        "grid": init_device_mesh("cpu", (w, 1), mesh_dim_names=("dp", "tp")),
-    }
+    group = dist.group.WORLD
+    if _MESHES is None or _MESHES[0] is not group:
+        w = world_size()
+        _MESHES = (
+            group,
+            {
+                "flat": init_device_mesh("cpu", (w,)),
+                "reversed": DeviceMesh("cpu", list(reversed(range(w)))),
+                "grid": init_device_mesh("cpu", (w, 1), mesh_dim_names=("dp", "tp")),
+            },
+        )
+    return _MESHES[1]
 
 
 def mixed_params(
