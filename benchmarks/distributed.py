@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import shlex
 import statistics
 import sys
@@ -148,13 +149,42 @@ def run_job(job: dict[str, Any], timeout: float = 900.0) -> Any:
         for proc in procs:
             proc.start()
         try:
-            out = results.get(timeout=timeout)
+            out = _report(results, procs, timeout)
         finally:
             for proc in procs:
                 proc.join(timeout=60)
                 if proc.is_alive():
                     proc.kill()
     return out
+
+
+def _report(results: Any, procs: list[Any], timeout: float) -> Any:
+    """Rank 0's report, or RuntimeError once a rank has ended without one being sent.
+
+    Rank 0 reports and then ends; a rank that ends otherwise (rank 0 without a report,
+    or any rank with a non-zero exit code) leaves nothing to wait for, so this does not
+    wait for ``timeout`` then, only for a report already on its way.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            pass
+        ended = [
+            (rank, proc.exitcode)
+            for rank, proc in enumerate(procs)
+            if proc.exitcode is not None and (rank == 0 or proc.exitcode != 0)
+        ]
+        if ended:
+            try:
+                return results.get(timeout=5.0)  # sent just before its rank ended
+            except queue.Empty:
+                raise RuntimeError(
+                    "no report: "
+                    + ", ".join(f"rank {rank} ended with exit code {code}" for rank, code in ended)
+                ) from None
+    raise TimeoutError(f"no report from rank 0 within {timeout} s")
 
 
 def main() -> None:
