@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -115,6 +116,14 @@ def _worker(rank: int, world: int, store_path: str, tasks: Any, results: Any) ->
             results.put((task_id, rank, _dumps(outcome)))
     finally:
         dist.destroy_process_group()
+    # FSDP2 and DTensors keep the group alive past destroy_process_group(), and a gloo
+    # worker thread still alive when the interpreter finalizes can abort the process
+    # (pytorch/pytorch#179291): send what is queued, then end without finalization.
+    results.close()
+    results.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _failure(rank: int, exc: BaseException) -> Outcome:
