@@ -1,13 +1,15 @@
 """A pytest session that leaves gloo threads behind ends with its own exit status.
 
 ``conftest.py`` ends such a session with ``os._exit`` instead of interpreter
-finalization, during which a gloo worker that takes the GIL aborts the process
-(pytorch/pytorch#179291). These tests run a session in a subprocess that builds a
-DTensor on a world-size-1 gloo group, as the in-process DTensor tests do, and widen
-the race on purpose: the test leaves collectives queued on gloo's workers, each of
-which releases a tensor that Python no longer holds when it finishes. Without the
-conftest hooks that session aborts (SIGABRT, sometimes SIGSEGV) after reporting its
-result; with them it exits with pytest's status and its full report.
+finalization, during which a gloo worker thread that takes the GIL crashes the process
+(SIGABRT, "terminate called without an active exception", or SIGSEGV;
+pytorch/pytorch#179291). These tests run a session in a subprocess that builds a
+DTensor on a world-size-1 gloo group, as the in-process DTensor tests do, and then
+makes the race certain instead of rare: it leaves collectives queued on gloo's workers
+(each, when done, releases a tensor, which takes the GIL) and, behind them, one whose
+completion callback keeps taking the GIL until the process ends. Without the conftest
+hooks that session crashes after reporting its result; with them it exits with
+pytest's status and its full report.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ TESTS = Path(__file__).resolve().parent
 
 SESSION = """
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -45,12 +49,25 @@ def mesh(tmp_path_factory):
         dist.destroy_process_group()  # does not release the group after distribute_tensor
 
 
+def take_the_gil_until_the_end(_):
+    if threading.current_thread() is threading.main_thread():
+        return  # the work was done before the callback was attached: nothing to show
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        time.sleep(0.001)  # gives the GIL back and takes it again
+
+
 def test_dtensor(mesh):
     full = torch.arange(6.0).reshape(3, 2)
     assert torch.equal(distribute_tensor(full, mesh, [Shard(0)]).full_tensor(), full)
-    src = torch.ones(1_000_000)
-    for _ in range(1000):  # still running on gloo's workers when the session ends
-        dist.all_gather([torch.empty(1_000_000)], src, async_op=True)
+    src = torch.ones(100_000)
+    for _ in range(1000):
+        dist.all_gather([torch.empty_like(src)], src, async_op=True)
+    big = torch.ones(2**25)  # 128 MB to copy: each of gloo's 2 workers takes one
+    for _ in range(2):
+        dist.all_gather([torch.empty_like(big)], big, async_op=True)
+    work = dist.all_gather([torch.empty_like(src)], src, async_op=True)  # queued last
+    work.get_future().then(take_the_gil_until_the_end)  # runs on the worker that ends it
     assert os.environ["SESSION_OUTCOME"] == "passed"
 """
 
