@@ -270,7 +270,7 @@ class Clipper:
                 # No per-step layout check: torch has no norm kernel for sparse layouts,
                 # so a sparse gradient fails here, before anything changed. Name it.
                 try:
-                    self._check_dense()
+                    self._named_grads()  # raises the TypeError naming a sparse gradient
                 except TypeError as named:
                     raise named from None
                 raise
@@ -330,8 +330,8 @@ class Clipper:
         This runs every step over every parameter, so it keeps per-tensor work in C
         (``map`` over attribute getters) where it can. Layouts are not checked here
         (reading ``.layout`` of 500 tensors costs tens of microseconds): a sparse
-        gradient makes the norm pass fail, and :meth:`_run` then calls
-        :meth:`_check_dense` for the error naming it.
+        gradient makes the norm pass fail, and :meth:`_run` then collects
+        them by name (:meth:`_named_grads`) for the error naming it.
         """
         grouped: list[list[Tensor]] = []
         complete = True
@@ -342,15 +342,6 @@ class Clipper:
                 grads = [g for g in grads if g is not None]
             grouped.append(grads)
         return grouped, complete
-
-    def _check_dense(self) -> None:
-        """Raise the error naming the first bound gradient that is not strided (dense).
-
-        Raises:
-            TypeError: a gradient has a sparse layout (the message names its parameter).
-        """
-        for group in self.param_groups:
-            collect_grads(list(zip(group["names"], group["params"])), empty_generator_ok=True)
 
     def _step_groups_of(self, grads: list[Tensor]) -> Groups | None:
         """The device/dtype grouping of ``grads`` if this step already computed it.
