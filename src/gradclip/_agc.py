@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from gradclip import _sync
-from gradclip._foreach import Groups, group_tensors
-from gradclip._foreach import mul_ as foreach_mul_
+from gradclip._foreach import Groups, group_tensors, use_foreach
 from gradclip.norms import accumulation_dtype, is_dtensor, local_tensor, tensor_norms
 
 STACK_MAX_NUMEL = 1 << 16
@@ -56,6 +55,41 @@ class UnitFactors:
     squares: Tensor
     unit_norms: Tensor
     bounds: Tensor
+    views: list[Tensor] | None = None
+    """``factors.unbind(0)``, when a :class:`Workspace` keeps it from step to step."""
+
+    def factor_views(self) -> list[Tensor]:
+        """One factor per gradient of the group (``factors[j]`` for ``index[j]``)."""
+        return self.views if self.views is not None else list(self.factors.unbind(0))
+
+
+class Workspace:
+    """Buffers a stateful caller keeps from one step to the next, so steps allocate less.
+
+    A stacked group's factors are written into a buffer made once per (device, dtype,
+    shape, count) whose per-gradient views are made once too: ``unbind`` of a
+    500-tensor stack costs about as much as scaling the 500 gradients. Not for shared
+    use: the next step overwrites the buffers, so a step's :class:`UnitFactors` are
+    valid until the next call with the same workspace.
+    """
+
+    MAX_BUFFERS = 64
+    """Buffers kept at most; past it all are dropped (gradients present vary a lot)."""
+
+    def __init__(self) -> None:
+        self._factors: dict[tuple[torch.device, torch.dtype, torch.Size], list[Tensor]] = {}
+
+    def factors(self, values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``values`` copied into the buffer of its shape, and that buffer's views."""
+        key = (values.device, values.dtype, values.shape)
+        entry = self._factors.get(key)
+        if entry is None:
+            if len(self._factors) >= self.MAX_BUFFERS:
+                self._factors.clear()
+            buffer = torch.empty_like(values, memory_format=torch.contiguous_format)
+            entry = self._factors[key] = [buffer, *buffer.unbind(0)]
+        entry[0].copy_(values)
+        return entry[0], entry[1:]
 
 
 def unit_clip_factors(
@@ -65,6 +99,7 @@ def unit_clip_factors(
     eps: float,
     *,
     groups: Groups | None = None,
+    workspace: Workspace | None = None,
 ) -> list[UnitFactors]:
     """AGC's per-unit factors for local (plain) tensors, one entry per group of same shape.
 
@@ -74,6 +109,7 @@ def unit_clip_factors(
         clip_factor: λ, the largest allowed ‖G_i‖ / max(‖W_i‖, eps).
         eps: the floor on weight norms.
         groups: :func:`gradclip._foreach.group_tensors` of ``grads``, if already known.
+        workspace: buffers kept by the caller between steps (see :class:`Workspace`).
     """
     by_shape: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
     if groups is None:
@@ -102,7 +138,10 @@ def unit_clip_factors(
                 g_norm = torch.stack(gs).abs().to(accum)
             factors, g_norm, bounds = _factor_from_norms(w_norm, g_norm, clip_factor, eps)
             squares = g_norm.square().reshape(len(index), -1).sum(1)
-            out.append(UnitFactors(index, factors, squares, g_norm, bounds))
+            views = None
+            if workspace is not None:
+                factors, views = workspace.factors(factors)
+            out.append(UnitFactors(index, factors, squares, g_norm, bounds, views))
         else:
             for k in index:
                 g = grads[k]
@@ -162,27 +201,34 @@ def scale_units_(grads: Sequence[Tensor], units: Sequence[UnitFactors]) -> None:
 
     On CPU, gradients whose factors are all exactly 1 are skipped (``x * 1 == x``);
     elsewhere every gradient is multiplied, without reading the factors on the host.
+    A unit group's gradients share a device and dtype, so the fused calls need no
+    second grouping pass.
     """
-    if _sync.branch_on_host([u.factors for u in units]):
-        targets: list[Tensor] = []
-        factors: list[Tensor] = []
-        for group in units:
-            count = len(group.index)
-            flat = group.factors.reshape(count, group.factors.numel() // count)
-            needed = flat.ne(1.0).any(1).tolist()
-            if all(needed):
-                targets += [grads[k] for k in group.index]
-                factors += group.factors.unbind(0)
-            elif any(needed):
-                chosen = [j for j, need in enumerate(needed) if need]
-                targets += [grads[group.index[j]] for j in chosen]
-                # index_select, not advanced indexing: the latter wakes a second thread.
-                factors += group.factors.index_select(0, torch.tensor(chosen)).unbind(0)
-        if targets:
-            foreach_mul_(targets, factors, foreach=None)
-    else:
-        targets = [grads[k] for group in units for k in group.index]
-        foreach_mul_(targets, [f for group in units for f in group.factors.unbind(0)], foreach=None)
+    calls: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    on_host = _sync.branch_on_host([u.factors for u in units])
+    for group in units:
+        positions = group.index
+        needed: list[bool] | None = None
+        if on_host:
+            needed = group.factors.reshape(len(positions), -1).ne(1.0).any(1).tolist()
+            if not any(needed):
+                continue
+        views = group.factor_views()
+        if needed is not None and not all(needed):
+            positions = [k for k, need in zip(positions, needed) if need]
+            views = [v for v, need in zip(views, needed) if need]
+        first = grads[group.index[0]]
+        if group.factors.device != first.device:
+            views = [v.to(first.device) for v in views]
+        targets, factors = calls.setdefault((first.device, first.dtype), ([], []))
+        targets += [grads[k] for k in positions]
+        factors += views
+    for (device, _), (targets, factors) in calls.items():
+        if use_foreach(targets, device, None):
+            torch._foreach_mul_(targets, factors)
+        else:
+            for target, factor in zip(targets, factors):
+                target.mul_(factor)
 
 
 def sharded_unit_clip_factors(

@@ -104,6 +104,36 @@ def test_agc_equals_functional_bit_for_bit(name: str, dtype: torch.dtype, clip_f
     torch.testing.assert_close(stats.total_norm, total, rtol=rtol, atol=0)
 
 
+def test_steps_reuse_buffers_without_leaking_between_steps() -> None:
+    """The clipper keeps its factor buffers from step to step; every step stands alone.
+
+    Steps alternate data that clips some units, none, and all, and which parameters
+    have a gradient (a stacked group of another size); each must equal the stateless
+    function on a copy, and stats already returned must not change with later steps.
+    """
+    shapes = [(6, 5)] * 8 + [()] * 3 + [(4,), (9, 2, 2)]
+    params = make(shapes, seed=1)
+    clipper = AGC(params, 0.05)
+    kept: list[tuple[object, torch.Tensor]] = []
+    for step, (seed, grad_scale, missing) in enumerate(
+        [(2, 0.05, ()), (3, 1e-5, ()), (4, 10.0, (0, 9)), (5, 0.05, ()), (6, 0.05, (3,))]
+    ):
+        fresh = make(shapes, seed=seed, grad_scale=grad_scale, no_grad=missing)
+        for p, f in zip(params, fresh):
+            p.grad = f.grad
+        theirs = clone(params)
+        stats = clipper.clip_()
+        gradclip.clip_grad_agc_(theirs, 0.05)
+        for a, b in zip(params, theirs):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                assert torch.equal(a.grad, b.grad), f"step {step}"
+        assert bool(stats.clipped) == (grad_scale > 1e-3), f"step {step}"
+        kept.append((stats, stats.clipped_norm.clone()))
+    for stats, clipped_norm in kept:
+        assert torch.equal(stats.clipped_norm, clipped_norm)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_agc_matches_slow_reference_and_reports(name: str, dtype: torch.dtype) -> None:

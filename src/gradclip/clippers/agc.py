@@ -21,11 +21,9 @@ Where it deliberately differs:
 
       AGC(model.named_parameters(), exclude=final_classifier_names(model))
 
-* **Stats cost one extra read of the gradients.** Like every clipper, ``clip_()``
-  first measures the per-tensor norms (shared with monitors through
-  :class:`ClipStats`); the unit norms are then a second read. The stateless
-  :func:`gradclip.clip_grad_agc_` skips the first and derives the total norm from
-  the unit norms. Use it when you need no stats.
+* **Per-tensor norms come from the unit norms.** ``‖G‖² = Σ_i ‖G_i‖²``, so
+  ``clip_()`` reads each gradient once for its unit norms and derives the per-tensor
+  norms of :class:`ClipStats` from them (equal to a direct norm up to rounding).
 
 The test is branch-free (units under their bound are multiplied by 1), so
 ``clip_()`` needs no host sync. The clipping itself is the kernel of
@@ -49,6 +47,7 @@ from torch import Tensor, nn
 
 from gradclip._agc import (
     UnitFactors,
+    Workspace,
     caller_order,
     norms_from_units,
     scale_units_,
@@ -138,6 +137,8 @@ class AGC(Clipper):
         )
         self._step_units: dict[int, _GroupUnits] = {}
         """This ``clip_()`` call's units per group (by ``id``), from ``_tensor_norms``."""
+        self._workspaces: dict[int, Workspace] = {}
+        """Per group (by ``id``): buffers reused from step to step (see ``Workspace``)."""
         default = _check_exclude(exclude)
         if isinstance(default, tuple):
             _require_matches(default, [n for g in self.param_groups for n in g["names"]])
@@ -185,7 +186,8 @@ class AGC(Clipper):
         for group, grads in zip(self.param_groups, grouped):
             if grads:
                 known = groups if grads is every else None
-                units = self._step_units[id(group)] = _GroupUnits.of(group, grads, known)
+                workspace = self._workspaces.setdefault(id(group), Workspace())
+                units = self._step_units[id(group)] = _GroupUnits.of(group, grads, known, workspace)
                 pieces.append(units.norms(dtype, every[0].device))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -245,11 +247,16 @@ class _GroupUnits:
 
     @classmethod
     def of(
-        cls, group: ParamGroup, grads: list[Tensor], groups: Groups | None = None
+        cls,
+        group: ParamGroup,
+        grads: list[Tensor],
+        groups: Groups | None = None,
+        workspace: Workspace | None = None,
     ) -> _GroupUnits:
         """Unit norms and factors of ``grads``, the gradients of ``group``'s parameters.
 
-        ``groups`` is the device/dtype grouping of ``grads``, if already computed.
+        ``groups`` is the device/dtype grouping of ``grads``, if already computed;
+        ``workspace``, the group's buffers kept between steps.
         """
         params: list[Tensor] = group["params"]
         excluded: tuple[bool, ...] = group["excluded"]
@@ -272,7 +279,9 @@ class _GroupUnits:
             units = sharded_unit_clip_factors(weights, kept, clip_factor, eps)
         else:
             local_grads = kept
-            units = unit_clip_factors(weights, kept, clip_factor, eps, groups=groups)
+            units = unit_clip_factors(
+                weights, kept, clip_factor, eps, groups=groups, workspace=workspace
+            )
         return cls(grads, keep, kept, local_grads, units, sharded, caller_order(units))
 
     def per_tensor(self, values: list[Tensor], reduce: str, like: Tensor) -> Tensor:
