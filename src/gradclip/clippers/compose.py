@@ -234,12 +234,16 @@ class Chain:
             return ClipStats.empty(self.step)
         firsts = takes.params
         dtype = _common_dtype([t.dtype for t in pieces])
-        norms = torch.cat([t.to(dtype) for t in pieces])
-        if takes.one_whole:  # one member saw every gradient first: reuse its total
+        norms = (
+            pieces[0].to(dtype) if len(pieces) == 1 else torch.cat([t.to(dtype) for t in pieces])
+        )
+        if takes.one_whole:  # one member saw every gradient first: reuse its stats
             first = next(r for r in results if r.params)
             total_norm = first.total_norm.to(device=device, dtype=dtype)
+            finite = first.finite.to(device)
         else:
             total_norm = total_norm_of(norms, p)
+            finite = torch.isfinite(total_norm)
 
         # Post-clip norm and threshold, block by block.
         thresholds: list[Tensor] = []
@@ -265,7 +269,7 @@ class Chain:
             scale=scale,
             clipped_norm=clipped_norm,
             clipped=clipped,
-            finite=torch.isfinite(total_norm),
+            finite=finite,
             step=torch.tensor(self.step, device=device),
             norms=norms,
             params=firsts,
