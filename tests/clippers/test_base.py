@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 import gradclip
 from gradclip import NoClip, NonFiniteGradientError, NormClip, ValueClip
+from gradclip.clippers.base import Clipper
+from helpers import make_params
 from sync_guard import no_host_sync
 
 
@@ -55,6 +57,49 @@ def test_normclip_matches_torch_bit_for_bit(norm_type: float, max_norm: float) -
         reference_norm([p.grad for p in ours], norm_type), rel=1e-5
     )
     assert stats.threshold.item() == pytest.approx(max_norm)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_normclip_matches_torch_bit_for_bit_on_large_gradients(max_norm: float) -> None:
+    """Tensors where gradclip's blocked kernel would differ: NormClip keeps torch's."""
+    shapes = [(300, 400), (1 << 16,), (7,), (256, 256), (3,)]
+    ours, theirs = make_params(shapes, grad_scale=1e-3), make_params(shapes, grad_scale=1e-3)
+    clipper = NormClip(ours, max_norm=max_norm)
+    assert clipper.norm_kernel == "torch"
+    stats = clipper.clip_()
+    total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(stats.total_norm, total)
+    assert bool(stats.clipped) == (max_norm < 1.0)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_the_norm_kernel_is_the_class_default() -> None:
+    class Blocked(NormClip):
+        default_norm_kernel = "blocked"
+
+    assert Clipper.default_norm_kernel == "torch"
+    for clipper in (NoClip(params_with_grads()), ValueClip(params_with_grads(), 0.1)):
+        assert clipper.norm_kernel == "torch"
+    # 1M elements: torch's CPU kernel and the blocked one differ well beyond the last bit.
+    (param,) = make_params([(1 << 20,)], grad_scale=1e-3)
+    grads = [param.grad.clone()]
+    stats = Blocked([param], max_norm=1e6).clip_()
+    assert torch.equal(stats.norms, gradclip.tensor_norms(grads, kernel="blocked"))
+    assert not torch.equal(stats.norms, gradclip.tensor_norms(grads))
+
+
+@pytest.mark.parametrize("bad", ["fastest", "cuda", None])
+def test_an_unknown_norm_kernel_fails_at_construction(bad: object) -> None:
+    class Misnamed(NormClip):
+        default_norm_kernel = bad  # type: ignore[assignment]
+
+    match = rf"norm_kernel must be one of 'torch', 'blocked'; got {bad!r}"
+    with pytest.raises(ValueError, match=match):
+        Misnamed(params_with_grads(), max_norm=1.0)
+    if bad is not None:  # None asks for the class default
+        with pytest.raises(ValueError, match=match):
+            Clipper(params_with_grads(), {}, norm_kernel=bad)  # type: ignore[arg-type]
 
 
 def test_stats_norms_are_pre_clip_per_tensor_norms() -> None:

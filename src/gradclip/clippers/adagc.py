@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -110,6 +110,11 @@ class AdaGC(ScheduledClipper):
             below ``1 / λ_rel`` cannot drive it to zero.
         norm_type: p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``.
+        norm_kernel: how the norms are computed (see :func:`gradclip.tensor_norms`).
+            ``"blocked"`` (default): faster and more accurate on large CPU tensors;
+            norms differ from ``torch.nn.utils`` in the last bits (more on very large
+            tensors, where torch's CPU kernel loses precision). ``"torch"``:
+            bit-identical to ``torch.nn.utils``.
 
     Raises:
         TypeError, ValueError: a bad option (the message names it and its valid range).
@@ -133,6 +138,7 @@ class AdaGC(ScheduledClipper):
     """
 
     spec_name = "adagc"
+    default_norm_kernel: ClassVar[str] = "blocked"
 
     def __init__(
         self,
@@ -146,6 +152,7 @@ class AdaGC(ScheduledClipper):
         schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
+        norm_kernel: str | None = None,
     ) -> None:
         defaults = {
             "lambda_abs": lambda_abs,
@@ -155,7 +162,9 @@ class AdaGC(ScheduledClipper):
             "eps": eps,
             "schedule": schedule,
         }
-        super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            params, defaults, norm_type=norm_type, nonfinite=nonfinite, norm_kernel=norm_kernel
+        )
 
     def _check_options(self, group: ParamGroup) -> None:
         group["lambda_abs"] = check_threshold(group["lambda_abs"], "lambda_abs", allow_zero=False)

@@ -52,6 +52,10 @@ Where it deliberately differs, and why:
   ``numpy.percentile`` then returns NaN on every later step. Here a NaN/inf step
   leaves the state bit-identical (the step is still scaled by the non-finite norm
   under ``nonfinite="ignore"``, as torch does).
+* **Norms of large CPU gradients from the blocked kernel** (``norm_kernel="blocked"``,
+  see :mod:`gradclip.norms`): far more accurate than torch's CPU kernel, which the
+  reference uses, on large tensors; ``norm_kernel="torch"`` gives torch's norms bit
+  for bit.
 * **``p = 100`` is exactly no clipping** (threshold ``inf``). Taken literally, the
   threshold would be the running maximum and torch's ``1e-6`` in the denominator
   would shrink every new record norm by a factor ``n / (n + 1e-6)``.
@@ -132,6 +136,11 @@ class AutoClip(GlobalNormClipper):
         norm_type: the p of the norms, p > 0 or ``inf``.
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"``; non-finite norms are never
             recorded, whatever the policy.
+        norm_kernel: how the norms are computed (see :func:`gradclip.tensor_norms`).
+            ``"blocked"`` (default): faster and more accurate on large CPU tensors;
+            norms differ from ``torch.nn.utils`` in the last bits (more on very large
+            tensors, where torch's CPU kernel loses precision). ``"torch"``:
+            bit-identical to ``torch.nn.utils``.
 
     Raises:
         ValueError: ``percentile`` outside (0, 100], ``window`` < 1,
@@ -161,6 +170,7 @@ class AutoClip(GlobalNormClipper):
     spec_positional = "percentile"
     spec_aliases: ClassVar[Mapping[str, str]] = {"p": "percentile"}
     growing_state: ClassVar[frozenset[str]] = frozenset({"sorted_history"})
+    default_norm_kernel: ClassVar[str] = "blocked"
 
     def __init__(
         self,
@@ -174,6 +184,7 @@ class AutoClip(GlobalNormClipper):
         schedule: Schedule | str | None = None,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
+        norm_kernel: str | None = None,
     ) -> None:
         defaults = {
             "percentile": percentile,
@@ -183,7 +194,9 @@ class AutoClip(GlobalNormClipper):
             "include_current": include_current,
             "schedule": schedule,
         }
-        super().__init__(params, defaults, norm_type=norm_type, nonfinite=nonfinite)
+        super().__init__(
+            params, defaults, norm_type=norm_type, nonfinite=nonfinite, norm_kernel=norm_kernel
+        )
 
     # -- options and state ------------------------------------------------------------
 

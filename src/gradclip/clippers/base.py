@@ -38,7 +38,7 @@ from gradclip.clippers.schedule import Schedule, check_schedule
 from gradclip.clippers.stats import ClipStats
 from gradclip.functional import clip_coefficient, scale_grads_
 from gradclip.nonfinite import check_policy, raise_if_nonfinite, zero_if_nonfinite_
-from gradclip.norms import tensor_norms, total_norm_of
+from gradclip.norms import check_norm_kernel, tensor_norms, total_norm_of
 
 State = dict[str, Any]
 """A group's state: names to tensors or numbers (so ``torch.load(weights_only=True)`` works)."""
@@ -81,11 +81,22 @@ class Clipper:
         nonfinite: ``"ignore"``, ``"raise"`` or ``"zero"`` (see
             :mod:`gradclip.nonfinite`). Whatever the policy, non-finite norms never
             enter the strategy's state.
+        norm_kernel: how L2 norms are computed (see :func:`gradclip.tensor_norms`):
+            ``"blocked"``: faster and more accurate on large CPU tensors, norms differ
+            from ``torch.nn.utils`` in the last bits (more on very large tensors,
+            where torch's CPU kernel loses precision); ``"torch"``: bit-identical to
+            ``torch.nn.utils``. None: the class's
+            :attr:`~gradclip.clippers.base.Clipper.default_norm_kernel`. A
+            construction option, not part of the state dict.
 
     Attributes:
         param_groups: the groups, each a dict with ``params``, ``names`` and options.
         state: one state dict per group.
         step: the number of ``clip_()`` calls so far.
+        norm_kernel: the norm kernel in use, ``"torch"`` or ``"blocked"``.
+
+    Raises:
+        ValueError: an unknown ``norm_kernel`` (the message names it and the choices).
     """
 
     spec_name: ClassVar[str | None] = None
@@ -96,6 +107,9 @@ class Clipper:
     """Short option names in specs (``{"z": "z_thresh"}``)."""
     growing_state: ClassVar[frozenset[str]] = frozenset()
     """State keys whose tensors grow with the step count (not shape-checked on load)."""
+    default_norm_kernel: ClassVar[str] = "torch"
+    """The norm kernel when the constructor's ``norm_kernel`` is None: ``"torch"`` here,
+    bit-identical to ``torch.nn.utils``; the adaptive strategies use ``"blocked"``."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -109,10 +123,13 @@ class Clipper:
         *,
         norm_type: float = 2.0,
         nonfinite: str = "ignore",
+        norm_kernel: str | None = None,
     ) -> None:
         self.defaults = dict(defaults)
         self.norm_type = check_norm_type(norm_type)
         self.nonfinite = check_policy(nonfinite)
+        kernel = self.default_norm_kernel if norm_kernel is None else norm_kernel
+        self.norm_kernel = check_norm_kernel(kernel, "norm_kernel")
         self.param_groups: list[ParamGroup] = []
         self.step = 0
         self._params_cache: tuple[Tensor, ...] | None = None
@@ -151,11 +168,12 @@ class Clipper:
     ) -> Tensor:
         """The pre-clip norm of each of ``every`` (the groups' gradients, concatenated).
 
-        One fused pass by default. A strategy that reads the gradients anyway (AGC's
-        unit norms) overrides this to derive the norms from its own pass and keep
-        what it computed for ``_clip_group``; it must not modify anything.
+        One fused pass by default, with the clipper's ``norm_kernel``. A strategy that
+        reads the gradients anyway (AGC's unit norms) overrides this to derive the norms
+        from its own pass and keep what it computed for ``_clip_group``; it must not
+        modify anything.
         """
-        return tensor_norms(every, self.norm_type, groups=groups)
+        return tensor_norms(every, self.norm_type, groups=groups, kernel=self.norm_kernel)
 
     # -- the shared machinery ------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,8 +46,10 @@ class NoClip(GlobalNormClipper):
 class NormClip(GlobalNormClipper):
     """Clip the global gradient norm to a fixed ``max_norm``: ``torch.nn.utils.clip_grad_norm_``.
 
-    Same scale as torch, ``min(1, max_norm / (total_norm + 1e-6))``. With param groups,
-    each group is clipped to its own ``max_norm`` by its own norm.
+    Same scale as torch, ``min(1, max_norm / (total_norm + 1e-6))``, and the same norms:
+    torch's kernel (``norm_kernel`` ``"torch"``, see :func:`gradclip.tensor_norms`), so
+    norms and clipped gradients are bit-identical to torch's. With param groups, each
+    group is clipped to its own ``max_norm`` by its own norm.
 
     Args:
         params: parameters, ``named_parameters()`` pairs, or param groups.
@@ -74,6 +76,8 @@ class NormClip(GlobalNormClipper):
 
     spec_name = "norm"
     spec_positional = "max_norm"
+    default_norm_kernel: ClassVar[str] = "torch"
+    """A stateful drop-in for ``clip_grad_norm_``: torch's norms, bit for bit."""
 
     def __init__(
         self,
