@@ -475,6 +475,19 @@ def test_blocked_kernel_in_a_mixed_list_keeps_order_and_dtype(foreach):
     assert tensor_norms(floats, foreach=foreach, kernel="blocked").dtype == torch.float32
 
 
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_blocked_kernel_on_many_tensors_of_one_shape(foreach):
+    """Same-shaped large tensors (one of them a non-contiguous view): one shape to check."""
+    tensors = [scaled_randn(MIN + 1, seed=s) for s in range(5)]
+    tensors[3] = scaled_randn(2 * MIN + 2, seed=3)[::2]
+    norms = tensor_norms(tensors, foreach=foreach, kernel="blocked")
+    blocked = [0, 1, 2, 4]
+    errors = relative_errors(norms[blocked], [tensors[i] for i in blocked])
+    assert bool((errors <= 1e-6).all())
+    assert torch.equal(norms[3], tensor_norms(tensors[3:4], foreach=foreach)[0])
+    assert torch.equal(norms[:3], tensor_norms(tensors[:3], kernel="blocked"))
+
+
 def test_blocked_kernel_nonfinite_values_propagate():
     for bad in (math.nan, math.inf):
         t = scaled_randn(MIN + 1)
