@@ -97,6 +97,11 @@ GROWTH_EARLY, GROWTH_LATE = 1_000, 50_000
 TARGET_PEER = {"gpt2": 1.0, "small": 0.7}
 TARGET_TORCH = 1.2
 TARGET_GROWTH = 1.2
+TARGET_CHAIN = 1.10
+"""A chain's own cost: at most 10% over its members' ``clip_()`` calls made by hand.
+
+The chain combines its members' stats with a dozen 0-d tensor ops (about 40 µs, 3% of
+AGC then NormClip on 500 small tensors, measured by timing the members inside a chain)."""
 
 
 # ---------------------------------------------------------------------------
@@ -120,6 +125,11 @@ class Impl:
             comparing every gradient, not one).
         matches: the gradclip implementation configured to compute the same scales
             (checked on every timed step).
+        strategies: how many strategies each gradient goes through (a chain of two
+            members on the same parameters: 2). Only single-strategy steps have the
+            per-strategy target against torch.
+        by_hand: for a chain, the reference that applies its members one after the
+            other (the chain's overhead is checked against it).
     """
 
     name: str
@@ -131,6 +141,8 @@ class Impl:
     real_warmup: bool = False
     per_tensor: bool = False
     matches: str | None = None
+    strategies: int = 1
+    by_hand: str | None = None
 
 
 def peer_impls(work: Workload) -> list[Impl]:
@@ -249,6 +261,13 @@ def norm_pass_impls(work: Workload) -> list[Impl]:
             "info",
             "torch.dot(g, g) per tensor, summed: the sum of squares smartclip computes",
         ),
+        Impl(
+            "(info) norm pass: blocked",
+            lambda: gradclip.tensor_norms(grads, kernel="blocked"),
+            "info",
+            "gradclip.tensor_norms(grads, kernel='blocked'): the per-tensor norms of "
+            "gradclip's adaptive strategies",
+        ),
     ]
 
 
@@ -271,6 +290,12 @@ def strategy_impls(work: Workload) -> list[Impl]:
     emat = EMARatio(params, per_tensor=True)
     split = chain(AGC(body, 0.01), NormClip(head, head_cap))
     stacked = chain(AGC(params, 0.01), NormClip(params, cap))
+    agc_alone, cap_alone = AGC(params, 0.01), NormClip(params, cap)
+
+    def by_hand() -> None:
+        agc_alone.clip_()
+        cap_alone.clip_()
+
     capped = chain(ZClip(params), NormClip(params, cap))
     body_cap = 2.0 * float(torch.stack([g.norm() for g in work.saved[:-1]]).norm())
     plain = chain(NormClip(body, body_cap), NormClip(head, head_cap))
@@ -334,6 +359,16 @@ def strategy_impls(work: Workload) -> list[Impl]:
             "gradclip",
             "chain(AGC(params, 0.01), NormClip(params, 2·calm norm)).clip_()",
             per_tensor=True,
+            strategies=2,
+            by_hand="(info) AGC, then NormClip, by hand",
+        ),
+        Impl(
+            "(info) AGC, then NormClip, by hand",
+            by_hand,
+            "info",
+            "AGC(params, 0.01).clip_(); NormClip(params, 2·calm norm).clip_(): the chain's "
+            "members applied one after the other",
+            per_tensor=True,
         ),
         Impl(
             "gradclip chain (ZClip, NormClip)",
@@ -341,6 +376,7 @@ def strategy_impls(work: Workload) -> list[Impl]:
             "gradclip",
             "chain(ZClip(params), NormClip(params, 2·calm norm)).clip_()",
             drive=True,
+            strategies=2,
         ),
         Impl(
             "gradclip chain (NormClip body, NormClip head)",
@@ -647,13 +683,23 @@ def peer_ratios(workload: str, key: str, impls: Sequence[Impl], phased: Phased) 
 
 
 def torch_ratios(workload: str, impls: Sequence[Impl], phased: Phased) -> list[Ratio]:
-    """Every gradclip strategy against torch's ``clip_grad_norm_``."""
+    """Every gradclip step against torch's ``clip_grad_norm_``, and chains against by-hand.
+
+    The target applies to one strategy per gradient; a chain of two strategies on the
+    same parameters does two strategies' work and is shown for information, with its
+    own target: no more than :data:`TARGET_CHAIN` times its members applied by hand.
+    """
     ref = "torch clip_grad_norm_"
-    return [
-        Ratio("torch", workload, i.name, ref, phased, TARGET_TORCH, f"{i.name} vs {ref}")
-        for i in impls
-        if i.package == "gradclip"
-    ]
+    out = []
+    for i in impls:
+        if i.package != "gradclip":
+            continue
+        target = TARGET_TORCH if i.strategies == 1 else None
+        out.append(Ratio("torch", workload, i.name, ref, phased, target, f"{i.name} vs {ref}"))
+        if i.by_hand is not None:
+            what = f"{i.name} vs its members applied one after the other"
+            out.append(Ratio("chain", workload, i.name, i.by_hand, phased, TARGET_CHAIN, what))
+    return out
 
 
 def growth_ratios(workload: str, impls: Sequence[Impl], phased: Phased) -> list[Ratio]:
@@ -805,7 +851,7 @@ def ratio_table(ratios: Sequence[Ratio]) -> str:
                 f"**{r.value:.2f}×**",
                 f"{q1:.2f}–{q3:.2f}",
                 f"{calm:.2f} / {spike:.2f}",
-                "—" if r.target is None else f"≤ {r.target:.1f}×",
+                "—" if r.target is None else f"≤ {r.target:g}×",
                 _status(r),
                 f"{format_ms(step_ms(r.phased, r.name))} / {format_ms(step_ms(r.phased, r.ref))}",
             ]
@@ -827,12 +873,17 @@ def profile_notes(profiles: dict[str, list[tuple[str, float, float]]]) -> str:
 
 
 def _norm_pass(p: Phased) -> str:
-    names = ("(info) norm pass: _foreach_norm", "(info) norm pass: dot")
+    names = (
+        "(info) norm pass: _foreach_norm",
+        "(info) norm pass: dot",
+        "(info) norm pass: blocked",
+    )
     if not all(n in p.calm.times for n in names):
         return "not measured"
-    fused, dot = (p.step.median(n) for n in names)
+    fused, dot, blocked = (p.step.median(n) for n in names)
     return (
-        f"`_foreach_norm` {format_ms(fused)} ms, `dot` {format_ms(dot)} ms (**{fused / dot:.2f}×**)"
+        f"`_foreach_norm` {format_ms(fused)} ms, `dot` {format_ms(dot)} ms, gradclip's "
+        f"blocked kernel {format_ms(blocked)} ms (**{blocked / dot:.2f}×** `dot`)"
     )
 
 
@@ -859,17 +910,16 @@ def floor_notes(ratios: Sequence[Ratio]) -> list[str]:
                 "a spike step adds the scaling pass, the same in both "
                 f"(spike ratio {p.spike.ratio(r.name, r.ref):.2f}×). "
                 + (
-                    "smartclip sums squares with `torch.dot` per tensor (BLAS); gradclip, "
-                    "like torch, uses `torch._foreach_norm`/`linalg_vector_norm`. The bare "
-                    f"passes: {_norm_pass(p)}. "
+                    "smartclip sums squares with `torch.dot` per tensor (BLAS); gradclip's "
+                    "adaptive strategies use its blocked kernel (rows of 4096 elements, "
+                    "their squares summed in float64), which reads the same bytes. The "
+                    f"bare passes: {_norm_pass(p)}. "
                     if r.ref.startswith("smartclip")
                     else ""
                 )
-                + "No strategy-side change can close a gap in the norm pass; a dot-based "
-                "L2 kernel (`torch.dot(g, g)` per tensor, as smartclip) could, at the cost "
-                "of bit-identity with torch: its sums are taken in another order, so the "
-                "norms, and the scales, would differ from `clip_grad_norm_`'s in the last "
-                "bits, and gradclip keeps them equal."
+                + "Both read the gradients once for the norm and once more to scale them "
+                "on a spike, so the remaining gap is in the scaling pass and the per-step "
+                "bookkeeping."
             )
             continue
         if r.passed is not False or r.section not in ("peers", "torch"):
@@ -893,7 +943,7 @@ def floor_notes(ratios: Sequence[Ratio]) -> list[str]:
                 "cost). "
                 + (
                     f"Even a strategy costing nothing would be at {base / med(r.ref):.2f}× "
-                    f"against the {r.target:.1f}× target: the base's per-step cost has to come "
+                    f"against the {r.target:g}× target: the base's per-step cost has to come "
                     "down (see the profile below)."
                     if budget <= 0
                     else f"The target leaves the strategy {format_ms(budget)} ms per step for "
@@ -954,7 +1004,7 @@ def render(
     )
     missed = [r for r in ratios if r.passed is False]
     notes = [
-        f"- **Missed: {r.workload}, {r.what}**: {r.value:.2f}× against ≤ {r.target:.1f}×."
+        f"- **Missed: {r.workload}, {r.what}**: {r.value:.2f}× against ≤ {r.target:g}×."
         for r in missed
     ] or ["- Every target was met in this run."]
     for r in ratios:
@@ -964,7 +1014,7 @@ def render(
         if abs(r.value - r.target) <= 0.05 or (q1 <= r.target <= q3 and q3 - q1 > 0.1):
             notes.append(
                 f"- **Borderline**: {r.workload}, {r.what}: {r.value:.2f}× against "
-                f"≤ {r.target:.1f}×, per-round IQR {q1:.2f}–{q3:.2f}. On this shared machine "
+                f"≤ {r.target:g}×, per-round IQR {q1:.2f}–{q3:.2f}. On this shared machine "
                 "repeated runs move such a ratio across the target; read it as at the target."
             )
     floors = floor_notes(ratios)
@@ -1025,7 +1075,11 @@ steps (untimed), so spikes stay 1 in {FILL + 2} of what it sees, as in training:
 percentile and raw-norm EMA clippers would soon stop flagging them. "calls
 clipped" shows, per implementation, the fraction of timed calm and spike calls
 that changed the gradients; "check" compares, for peers configured to compute the
-same thing, the scale applied on every timed step with gradclip's.
+same thing, the scale applied on every timed step with gradclip's. gradclip's
+adaptive strategies take their norms with the blocked kernel (`norm_kernel="blocked"`,
+their default: rows of 4096 elements, squares summed in float64); the peers use
+torch's CPU kernel, whose float32 sums lose up to a few 1e-3 of a 38.6M-element
+norm (GPT-2's embedding), so on GPT-2 their scales differ by about that much.
 
 Configurations: AutoClip uses the {PERCENTILE:g}th percentile (autoclip's default
 quantile 0.9; the paper's 10th would clip most calm steps, and the cost does not
@@ -1075,8 +1129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=None,
-        help="timed rounds on GPT-2 small (default 40, 6 with --quick); the small "
-        "tensors get 8x as many, the step-50,000 check 4x (at most 160)",
+        help="timed rounds on GPT-2 small (default 80, 6 with --quick); the small "
+        "tensors get 4x as many, the step-50,000 check 2x (at most 160)",
     )
     parser.add_argument(
         "--quick",
@@ -1094,14 +1148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown report path"
     )
     args = parser.parse_args(argv)
-    rounds = args.rounds if args.rounds is not None else (6 if args.quick else 40)
+    rounds = args.rounds if args.rounds is not None else (6 if args.quick else 80)
     if rounds < 2:
         parser.error("--rounds must be >= 2")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    counts = {"gpt2": rounds, "small": 8 * rounds, "growth": min(4 * rounds, 160)}
+    counts = {"gpt2": rounds, "small": 4 * rounds, "growth": min(2 * rounds, 160)}
     counts = {k: v + v % 2 for k, v in counts.items()}
 
     def log(msg: str) -> None:
@@ -1187,7 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_section(args.out, "strategies", section)
     log(f"done in {time.perf_counter() - begin:.0f}s; wrote {args.out}")
     for r in ratios:
-        target = "" if r.target is None else f" (target ≤ {r.target:.1f}: {_status(r)})"
+        target = "" if r.target is None else f" (target ≤ {r.target:g}: {_status(r)})"
         print(f"{r.workload:32s} {r.what[:72]:72s} {r.value:6.2f}×{target}")
     return 0
 
