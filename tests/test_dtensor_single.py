@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import gradclip
+from gradclip import norms
+from gradclip.norms import BLOCKED_MIN_NUMEL, tensor_norms
 from helpers import NORM_TYPES, agc_params, agc_reference, make_params
 
 dist = pytest.importorskip("torch.distributed")
@@ -190,3 +192,39 @@ def test_agc_rejects_units_split_across_ranks(mesh):
     with pytest.raises(NotImplementedError, match=r"AGC on enc\.weight sharded as"):
         gradclip.clip_grad_agc_([("enc.weight", w)])
     assert torch.equal(w.grad.full_tensor(), before)
+
+
+def test_blocked_kernel_reduces_the_local_shards(mesh, monkeypatch):
+    """The blocked L2 kernel gets the local shards; the reduction across ranks is torch's."""
+    gen = torch.Generator().manual_seed(0)
+    plain = [
+        torch.randn(300, 400, generator=gen) * 1e-3,
+        torch.randn(BLOCKED_MIN_NUMEL + 5, generator=gen) * 1e-3,
+        torch.randn(8, generator=gen),
+    ]
+    mixed = [
+        distribute_tensor(plain[0].clone(), mesh, [Shard(0)]),
+        distribute_tensor(plain[1].clone(), mesh, [Replicate()]),
+        plain[2].clone(),
+    ]
+    seen: list[list[tuple[int, ...]]] = []
+    blocked_norms = norms._blocked_norms
+
+    def spy(tensors):
+        assert not any(norms.is_dtensor(t) for t in tensors)
+        seen.append([tuple(t.shape) for t in tensors])
+        return blocked_norms(tensors)
+
+    monkeypatch.setattr(norms, "_blocked_norms", spy)
+    result = tensor_norms(mixed, kernel="blocked")
+    assert seen == [[(300, 400), (BLOCKED_MIN_NUMEL + 5,)]]
+    expected = tensor_norms(plain, kernel="blocked")
+    # Sharded: the all-reduce of the squared norm (one rank) and its square root.
+    torch.testing.assert_close(result[0], expected[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(result[1:], expected[1:], rtol=0, atol=0)
+    reference = torch.stack([t.double().norm() for t in plain])
+    assert bool(((result.double() - reference).abs() <= 1e-6 * reference).all())
+    # The torch kernel is left as it was.
+    seen.clear()
+    torch.testing.assert_close(tensor_norms(mixed), tensor_norms(plain), rtol=1e-6, atol=0)
+    assert seen == []
