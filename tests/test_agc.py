@@ -253,8 +253,13 @@ def test_agc_zero_weights_use_eps_floor():
 
 
 def test_agc_empty_tensors():
-    params = agc_params([(0,), (0,), (2, 0), (2, 0), (0, 3), (8, 3)], seed=10)
+    # Stacked groups of empty tensors: zero-row matrices give a stack of no factors.
+    shapes = [(0,), (0,), (2, 0), (2, 0), (0, 3), (0, 5), (0, 5), (0, 5), (8, 3)]
+    params = agc_params(shapes, seed=10)
+    twins = clone_params(params)
     check_against_reference(params)
+    gradclip.AGC(twins, 0.01).clip_()  # the clipper's path (its factor buffers) too
+    assert_grads_identical(twins, grads_of(params))
 
 
 def test_agc_zero_gradients_stay_zero():
