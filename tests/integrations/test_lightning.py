@@ -380,6 +380,42 @@ def assert_state_equal(a: Any, b: Any) -> None:
         assert a == b
 
 
+class HeadFirst(Net):
+    """One optimizer whose param groups list the head before the body (not module order)."""
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": self.head.parameters()}, {"params": self.body.parameters()}]
+        return torch.optim.SGD(groups, lr=LR)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "value", "spec"), [("norm", 0.5, "norm:0.5"), ("value", 0.05, "value:0.05")]
+)
+def test_same_run_as_lightnings_own_clipping(
+    tmp_path: Path, algorithm: str, value: float, spec: str
+) -> None:
+    """Trainer(gradient_clip_val=c) and GradClip("norm:c") train the same weights, bit for bit.
+
+    Lightning clips the optimizer's parameters in param-group order; the callback binds
+    them in that order too, so the total norm is summed alike (here not module order).
+    """
+    theirs, ours, probe = HeadFirst(), HeadFirst(), PreClip()
+    trainer(
+        tmp_path / "lightning", [], gradient_clip_val=value, gradient_clip_algorithm=algorithm
+    ).fit(theirs, loader())
+    trainer(tmp_path / "gradclip", [probe, GradClip(spec)]).fit(ours, loader())
+    assert len(ours.at_step) == len(theirs.at_step) == STEPS
+    for mine, lightning in zip(ours.at_step, theirs.at_step):
+        assert all(map(torch.equal, mine["grads"], lightning["grads"]))
+        assert all(map(torch.equal, mine["after"], lightning["after"]))
+    # The clip was active: what GradClip started from differs from what the step used.
+    assert any(
+        not torch.equal(a, b)
+        for record, step in zip(probe.records, ours.at_step)
+        for a, b in zip(record["grads"], step["grads"])
+    )
+
+
 def test_refuses_gradient_clip_val(tmp_path: Path) -> None:
     run = trainer(tmp_path, [GradClip("norm:1.0")], gradient_clip_val=0.5)
     with pytest.raises(ValueError) as info:
