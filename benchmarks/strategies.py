@@ -1099,7 +1099,10 @@ target is against the fastest of them. The step-{GROWTH_LATE:,} check drives
 AutoClip clippers bound to the 500 small tensors to step {GROWTH_EARLY:,} and to step
 {GROWTH_LATE:,} (one small gradient, as above, on one thread) and then times `clip_()`
 of both on the same gradients, for each history mode (`--quick`: the window mode
-only). `(info) clip_grad_agc_` is the stateless function, for the AGC floor.
+only). `(info) clip_grad_agc_` is the stateless function, for the AGC floor. A chain
+of two strategies on the same parameters does two strategies' work: it has no target
+against torch, and its own cost is checked against `(info) AGC, then NormClip, by
+hand`, the same two `clip_()` calls made one after the other.
 
 ## Results
 
