@@ -139,6 +139,7 @@ class AdaGC(ScheduledClipper):
 
     spec_name = "adagc"
     default_norm_kernel: ClassVar[str] = "blocked"
+    warmup_counts_calls: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -172,12 +173,6 @@ class AdaGC(ScheduledClipper):
         group["beta"] = check_unit_interval(group["beta"], "beta")
         group["warmup_steps"] = check_steps(group["warmup_steps"], "warmup_steps")
         group["eps"] = check_threshold(group["eps"], "eps")
-
-    @property
-    def step_dependent(self) -> bool:
-        """True during the warm-up (counted in calls) or while a schedule is in progress."""
-        in_warmup = any(self.step < g["warmup_steps"] for g in self.param_groups)
-        return in_warmup or super().step_dependent
 
     def _init_state(self, group: ParamGroup) -> State:
         return {"gamma": torch.full((len(group["params"]),), math.inf)}

@@ -528,9 +528,17 @@ class ScheduledClipper(Clipper):
     def _schedules(self) -> list[Schedule | None]:
         return [g.get("schedule") for g in self.param_groups]
 
+    warmup_counts_calls: ClassVar[bool] = False
+    """Whether the groups' ``warmup_steps`` option counts ``clip_()`` calls (AdaGC,
+    EMARatio), so that the strategy depends on its step count until the warm-up ends."""
+
     @property
     def step_dependent(self) -> bool:
-        """True while a group's schedule may still change with the step count."""
+        """True while a group's schedule, or a warm-up counted in calls, is in progress."""
+        if self.warmup_counts_calls and any(
+            self.step < g["warmup_steps"] for g in self.param_groups
+        ):
+            return True
         return any(s is not None and s.follows_step(self.step) for s in self._schedules())
 
     def state_dict(self) -> dict[str, Any]:

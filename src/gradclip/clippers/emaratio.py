@@ -130,6 +130,7 @@ class EMARatio(ScheduledClipper):
     spec_positional = "ratio"
     spec_aliases: ClassVar[Mapping[str, str]] = {"r": "ratio"}
     default_norm_kernel: ClassVar[str] = "blocked"
+    warmup_counts_calls: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -160,12 +161,6 @@ class EMARatio(ScheduledClipper):
         group["beta"] = check_unit_interval(group["beta"], "beta")
         group["per_tensor"] = check_flag(group["per_tensor"], "per_tensor")
         group["warmup_steps"] = check_steps(group["warmup_steps"], "warmup_steps")
-
-    @property
-    def step_dependent(self) -> bool:
-        """True during the warm-up (counted in calls) or while a schedule is in progress."""
-        in_warmup = any(self.step < g["warmup_steps"] for g in self.param_groups)
-        return in_warmup or super().step_dependent
 
     def _init_state(self, group: ParamGroup) -> State:
         shape = (len(group["params"]),) if group["per_tensor"] else ()
