@@ -32,6 +32,7 @@ from torch.amp.grad_scaler import OptState
 
 from gradclip.clippers.fixed import NormClip
 from gradclip.integrations.lightning import GradClip
+from integrations.bad_specs import bad_specs
 from integrations.clip_reference import check_steps
 
 LR = 0.1
@@ -479,12 +480,7 @@ def test_bad_arguments() -> None:
         GradClip("norm:1", log_every=1.5)  # type: ignore[arg-type]
 
 
-BAD_SPECS = [
-    ("norm:x", TypeError, r"bad spec 'norm:x' given to GradClip: max_norm must be a real number"),
-    ("norm:1.0,foo=2", ValueError, r"given to GradClip: strategy 'norm' has no option 'foo'"),
-    ("zclip:z=-1", ValueError, r"given to GradClip: z_thresh must be .*> 0; got -1"),
-    ("autoclip:p=200", ValueError, r"given to GradClip: percentile must be in \(0, 100\]"),
-]
+BAD_SPECS = bad_specs("GradClip")
 
 
 @pytest.mark.parametrize(("spec", "error", "message"), BAD_SPECS, ids=[s for s, _, _ in BAD_SPECS])

@@ -33,6 +33,7 @@ from transformers import (
 
 from gradclip.clippers.fixed import NormClip
 from gradclip.integrations.transformers import STATE_FILE, GradClipCallback
+from integrations.bad_specs import bad_specs
 from integrations.clip_reference import assert_grads, check_steps, reference
 
 LR = 0.1
@@ -477,20 +478,7 @@ def test_bad_strategy() -> None:
         GradClipCallback("norm:1").state_dict()
 
 
-BAD_SPECS = [
-    (
-        "norm:x",
-        TypeError,
-        r"bad spec 'norm:x' given to GradClipCallback: max_norm must be a real number",
-    ),
-    (
-        "norm:1.0,foo=2",
-        ValueError,
-        r"given to GradClipCallback: strategy 'norm' has no option 'foo'",
-    ),
-    ("zclip:z=-1", ValueError, r"given to GradClipCallback: z_thresh must be .*> 0; got -1"),
-    ("autoclip:p=200", ValueError, r"given to GradClipCallback: percentile must be in \(0, 100\]"),
-]
+BAD_SPECS = bad_specs("GradClipCallback")
 
 
 @pytest.mark.parametrize(("spec", "error", "message"), BAD_SPECS, ids=[s for s, _, _ in BAD_SPECS])
