@@ -230,16 +230,21 @@ CUT_LOGS = {
 FILE_WRITERS = {"csv": CSVWriter, "jsonl": JSONLWriter}
 
 
+def resume(path: Path, existing: str, rows: list[list[float]]) -> Path:
+    """Write ``existing`` to ``path``, then append ``(step, total_norm)`` rows with its writer."""
+    path.write_text(existing)
+    writer = FILE_WRITERS[path.suffix.lstrip(".")](path)
+    writer.write(LogBlock(("step", "total_norm"), rows))
+    writer.close()
+    return path
+
+
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_resuming_after_a_cut_short_line_drops_it_and_appends_on_a_new_line(
     tmp_path: Path, kind: str
 ) -> None:
     complete, cut, appended = CUT_LOGS[kind]
-    path = tmp_path / f"run.{kind}"
-    path.write_text(complete + cut)
-    writer = FILE_WRITERS[kind](path)
-    writer.write(LogBlock(("step", "total_norm"), [[3, 1.5], [4, 2.0]]))
-    writer.close()
+    path = resume(tmp_path / f"run.{kind}", complete + cut, [[3, 1.5], [4, 2.0]])
     log = read_log(path)
     assert log.steps == [1, 2, 3, 4]  # every complete step, then the appended ones
     assert log.values["total_norm"] == [0.5, 0.25, 1.5, 2.0]
@@ -251,11 +256,7 @@ def test_resuming_a_file_that_ends_with_a_newline_changes_nothing_in_it(
     tmp_path: Path, kind: str
 ) -> None:
     complete, _, _ = CUT_LOGS[kind]
-    path = tmp_path / f"run.{kind}"
-    path.write_text(complete)
-    writer = FILE_WRITERS[kind](path)
-    writer.write(LogBlock(("step", "total_norm"), [[3, 1.5]]))
-    writer.close()
+    path = resume(tmp_path / f"run.{kind}", complete, [[3, 1.5]])
     assert path.read_text().startswith(complete)
     assert read_log(path).steps == [1, 2, 3]
 
