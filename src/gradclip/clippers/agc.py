@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -137,7 +138,7 @@ class AGC(Clipper):
         )
         self._step_units: dict[int, _GroupUnits] = {}
         """This ``clip_()`` call's units per group (by ``id``), from ``_tensor_norms``."""
-        self._workspaces: dict[int, Workspace] = {}
+        self._workspaces: defaultdict[int, Workspace] = defaultdict(Workspace)
         """Per group (by ``id``): buffers reused from step to step (see ``Workspace``)."""
         default = _check_exclude(exclude)
         if isinstance(default, tuple):
@@ -186,7 +187,7 @@ class AGC(Clipper):
         for group, grads in zip(self.param_groups, grouped):
             if grads:
                 known = groups if grads is every else None
-                workspace = self._workspaces.setdefault(id(group), Workspace())
+                workspace = self._workspaces[id(group)]
                 units = self._step_units[id(group)] = _GroupUnits.of(group, grads, known, workspace)
                 pieces.append(units.norms(dtype, every[0].device))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
