@@ -918,8 +918,8 @@ def floor_notes(ratios: Sequence[Ratio]) -> list[str]:
                     else ""
                 )
                 + "Both read the gradients once for the norm and once more to scale them "
-                "on a spike, so the remaining gap is in the scaling pass and the per-step "
-                "bookkeeping."
+                "on a spike, so what remains of a gap is the norm kernel's (the bare passes "
+                "above) and the per-step bookkeeping's."
             )
             continue
         if r.passed is not False or r.section not in ("peers", "torch"):
